@@ -1,0 +1,1 @@
+"""Tests for a3s_gateway."""
