@@ -222,6 +222,31 @@ class ProvidersConfig:
 
 
 @attr.s(frozen=True, auto_attribs=True)
+class AccessLogConfig:
+    """``access_log { path = ... }``: one JSON object per request; ``"-"`` is stdout."""
+
+    path: str
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class TracingConfig:
+    """``tracing { }``: trace-context propagation and OTLP/HTTP span export."""
+
+    propagation: str = "w3c"
+    sample_rate: float = 1.0
+    service_name: str = "a3s-gateway"
+    otlp_endpoint: Optional[str] = None
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class DashboardConfig:
+    """``dashboard { }``: the admin API, ``/metrics``, ``/ping`` and ``/dashboard/``."""
+
+    entrypoint: str
+    middlewares: Tuple[str, ...] = ()
+
+
+@attr.s(frozen=True, auto_attribs=True)
 class GatewayConfig:
     """The whole ``gateway.hcl``; ``source`` is the file it came from, for messages."""
 
@@ -231,4 +256,7 @@ class GatewayConfig:
     middlewares: Mapping[str, MiddlewareConfig] = attr.ib(factory=dict)
     providers: ProvidersConfig = ProvidersConfig()
     shutdown_timeout_secs: int = 30
+    access_log: Optional[AccessLogConfig] = None
+    tracing: Optional[TracingConfig] = None
+    dashboard: Optional[DashboardConfig] = None
     source: str = "<string>"

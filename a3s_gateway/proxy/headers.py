@@ -1,0 +1,184 @@
+# -*- test-case-name: tests.test_headers -*-
+"""
+Header rules of the proxy: hop-by-hop filtering in both directions, the client's address and the
+``X-Forwarded-*`` headers.
+
+These run on every proxied request, so they work on the raw ``(name, values)`` pairs Twisted keeps
+and allocate one list per direction.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Iterable, List, Optional, Sequence, Tuple, Union
+
+import attr
+
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+RawHeaders = List[Tuple[bytes, bytes]]
+
+# RFC 9110 section 7.6.1 plus the de-facto ones; Content-Length is not hop-by-hop but the upstream
+# client frames the body itself, so a client's value must never be forwarded next to its own.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+_REQUEST_DROP = HOP_BY_HOP | {b"content-length"}
+_RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
+# Rewritten by the gateway on every forwarded request.
+_FORWARDED = frozenset(
+    {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip"}
+)
+
+
+def connection_tokens(values: Optional[Sequence[bytes]]) -> frozenset[bytes]:
+    """
+    The lower-cased header names listed in ``Connection`` header values, which are hop-by-hop too.
+    """
+    if not values:
+        return frozenset()
+    return frozenset(
+        token.strip().lower() for value in values for token in value.split(b",") if token.strip()
+    )
+
+
+def parse_networks(entries: Iterable[str]) -> Tuple[Network, ...]:
+    """
+    Parse IPs and CIDRs (v4 and v6) into networks; a bare IP becomes a one-address network.
+
+    @raise ValueError: for an entry that is neither.
+    """
+    return tuple(ipaddress.ip_network(entry.strip(), strict=False) for entry in entries)
+
+
+def _address(text: str) -> Optional[Union[ipaddress.IPv4Address, ipaddress.IPv6Address]]:
+    try:
+        address = ipaddress.ip_address(text.strip())
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class TrustedProxies:
+    """
+    The peers whose ``X-Forwarded-*`` headers are believed (an entrypoint's
+    ``forwarded_headers { trusted_ips }``). Empty means nobody is trusted.
+    """
+
+    networks: Tuple[Network, ...] = ()
+
+    def trusts(self, ip: str) -> bool:
+        """
+        Whether the address C{ip} is inside one of the trusted networks.
+        """
+        if not self.networks:
+            return False
+        address = _address(ip)
+        return address is not None and any(address in network for network in self.networks)
+
+    def client_ip(self, peer: str, forwarded_for: Optional[Sequence[bytes]]) -> str:
+        """
+        "The client's address": the peer, or, when the peer is trusted, the last untrusted address
+        of ``X-Forwarded-For`` (walking from the right, past every trusted hop).
+        """
+        if not forwarded_for or not self.trusts(peer):
+            return peer
+        hops = [hop.strip() for value in forwarded_for for hop in value.split(b",")]
+        client = peer
+        for hop in reversed(hops):
+            text = hop.decode("latin-1")
+            if _address(text) is None:
+                break
+            client = text
+            if not self.trusts(text):
+                break
+        return client
+
+
+def forward_request_headers(
+    raw: Iterable[Tuple[bytes, Sequence[bytes]]],
+    peer: str,
+    client_ip: str,
+    trusted: bool,
+    scheme: bytes,
+) -> RawHeaders:
+    """
+    Build the header list sent upstream from the client's raw headers.
+
+    Hop-by-hop headers (and those named in ``Connection``) are dropped, repeated headers and
+    ``Host`` are kept, and ``X-Forwarded-For``/``-Proto``/``-Host`` and ``X-Real-IP`` are set. From
+    a trusted peer its ``X-Forwarded-*`` values are kept and the peer appended to
+    ``X-Forwarded-For``; from anyone else they are replaced.
+
+    @param raw: C{Headers.getAllRawHeaders()} of the client's request.
+    @param peer: the TCP peer's address.
+    @param client_ip: the client's address as resolved by L{TrustedProxies.client_ip}.
+    @param trusted: whether C{peer} is a trusted proxy.
+    @param scheme: C{b"http"} or C{b"https"}, the entrypoint's scheme.
+    """
+    pairs = raw if isinstance(raw, list) else list(raw)
+    drop = _REQUEST_DROP
+    for name, values in pairs:
+        if name.lower() == b"connection":
+            drop = _REQUEST_DROP | connection_tokens(values)
+            break
+    out: RawHeaders = []
+    host: Optional[bytes] = None
+    xff: List[bytes] = []
+    proto: Optional[bytes] = None
+    fhost: Optional[bytes] = None
+    for name, values in pairs:
+        lower = name.lower()
+        if lower in drop:
+            continue
+        if lower in _FORWARDED:
+            if trusted:
+                if lower == b"x-forwarded-for":
+                    xff.extend(values)
+                elif lower == b"x-forwarded-proto":
+                    proto = values[-1]
+                elif lower == b"x-forwarded-host":
+                    fhost = values[-1]
+            continue
+        if lower == b"host":
+            host = values[0]
+        for value in values:
+            out.append((name, value))
+    peer_bytes = peer.encode("ascii")
+    xff.append(peer_bytes)
+    out.append((b"X-Forwarded-For", b", ".join(xff)))
+    out.append((b"X-Forwarded-Proto", proto or scheme))
+    if fhost is not None or host is not None:
+        out.append((b"X-Forwarded-Host", fhost if fhost is not None else host))  # type: ignore[arg-type]
+    out.append((b"X-Real-IP", client_ip.encode("ascii")))
+    return out
+
+
+def response_headers(raw: Sequence[Tuple[bytes, bytes]], keep_length: bool) -> RawHeaders:
+    """
+    Filter an upstream response's raw header list for the client: hop-by-hop headers and those
+    named in ``Connection`` go; repeated headers stay in order.
+
+    @param keep_length: keep ``Content-Length`` (for a response that has no body of its own, such
+        as the answer to HEAD, whose length describes the resource).
+    """
+    drop = _RESPONSE_DROP
+    named = [value for name, value in raw if name.lower() == b"connection"]
+    if named:
+        drop = drop | connection_tokens(named)
+    if keep_length:
+        drop = drop - {b"content-length"}
+    return [(name, value) for name, value in raw if name.lower() not in drop]

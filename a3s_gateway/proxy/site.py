@@ -1,0 +1,218 @@
+# -*- test-case-name: tests.test_site -*-
+"""
+The server side of an HTTP entrypoint: a L{twisted.web.server.Site} whose requests enforce the
+entrypoint's body limit while the body arrives, whose channel answers oversized header sections
+with 431, and which tracks its connections so that a shutdown can drain them.
+
+twisted.web buffers a request body before any resource runs and has no limit of its own
+(notes/twisted.md A4), so the limit lives in the request's body callbacks, as in Synapse.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Optional, Set
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http, server
+from twisted.web.resource import IResource
+
+from a3s_gateway.proxy.errors import BODY_TOO_LARGE, error_body, raw_error_response
+from a3s_gateway.proxy.headers import connection_tokens
+
+INTERNAL_ERROR = "Internal server error"
+
+
+class GatewayRequest(server.Request):
+    """
+    A request that refuses a body larger than the site's C{max_request_body_bytes} with 413 as
+    soon as the limit is passed (declared or counted, chunked bodies included), without reading
+    the rest, and that cancels its upstream exchange when the client goes away.
+    """
+
+    _log = Logger()
+    # The upstream exchange serving this request (an IPushProducer with cancel()), if any.
+    upstream: Any = None
+    _body_seen = 0
+    _rejected = False
+    # No Content-Type is invented for upstream responses that have none.
+    defaultContentType = None
+
+    def gotLength(self, length: Optional[int]) -> None:
+        limit = self.channel.site.max_request_body_bytes
+        if length is not None and length > limit:
+            self._reject_body(limit)
+            return
+        server.Request.gotLength(self, length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._rejected:
+            return
+        self._body_seen += len(data)
+        limit = self.channel.site.max_request_body_bytes
+        if self._body_seen > limit:
+            self._reject_body(limit)
+            return
+        server.Request.handleContentChunk(self, data)
+
+    def _reject_body(self, limit: int) -> None:
+        # The request line and headers are known but twisted.web has no request to answer yet,
+        # so the 413 is written directly and the connection closed: the rest is never read.
+        self._rejected = True
+        transport = self.channel.transport
+        transport.write(raw_error_response(413, BODY_TOO_LARGE, max_bytes=limit))
+        transport.loseConnection()
+
+    def process(self) -> None:
+        if self._rejected:
+            return
+        server.Request.process(self)
+
+    def connectionLost(self, reason: Failure) -> None:
+        server.Request.connectionLost(self, reason)
+        upstream = self.upstream
+        if upstream is not None:
+            self.upstream = None
+            upstream.cancel()
+
+    def processingFailed(self, reason: Failure) -> Failure:
+        """
+        Log the failure and answer 500 with the JSON error body; never a traceback.
+        """
+        self._log.failure("Unhandled error while processing {uri}", reason, uri=self.uri)
+        if self.startedWriting:
+            self.channel.forceAbortClient()
+            return reason
+        body = error_body(INTERNAL_ERROR)
+        self.setResponseCode(http.INTERNAL_SERVER_ERROR)
+        self.responseHeaders.setRawHeaders(b"Content-Type", [b"application/json"])
+        self.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % (len(body),)])
+        self.write(body)
+        self.finish()
+        return reason
+
+
+class GatewayChannel(http.HTTPChannel):
+    """
+    An HTTP/1.1 channel that answers a header section over the limits with
+    ``431 Request Header Fields Too Large`` (twisted.web answers a bare 400) and registers itself
+    with its site while open.
+    """
+
+    site: GatewaySite
+
+    def connectionMade(self) -> None:
+        http.HTTPChannel.connectionMade(self)
+        self.site.channels.add(self)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.site.channels.discard(self)
+        http.HTTPChannel.connectionLost(self, reason)
+        self.site.channel_closed()
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+            self._respond_431()
+            return
+        http.HTTPChannel.lineReceived(self, line)
+
+    def checkPersistence(self, request: http.Request, version: bytes) -> bool:
+        # twisted.web splits Connection on spaces, so "close, X-Private" would keep the
+        # connection open; the header is a comma-separated token list.
+        if b"close" in connection_tokens(request.requestHeaders.getRawHeaders(b"connection")):
+            request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+            return False
+        persistent: bool = http.HTTPChannel.checkPersistence(self, request, version)
+        return persistent
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # One line longer than MAX_LENGTH: LineReceiver would drop the connection silently.
+        self._respond_431()
+
+    def headerReceived(self, line: bytes) -> bool:
+        if self._receivedHeaderCount >= self.maxHeaders:
+            self._respond_431()
+            return False
+        ok: bool = http.HTTPChannel.headerReceived(self, line)
+        return ok
+
+    def _respond_431(self) -> None:
+        self.transport.write(raw_error_response(431, "Request header fields too large"))
+        self.loseConnection()
+        # Whatever else arrives on this connection is not a request.
+        self.dataReceived = self.lineReceived = lambda *args: None  # type: ignore[method-assign]
+
+    @property
+    def idle(self) -> bool:
+        """
+        True while no request is being received or answered on this connection.
+        """
+        return not self.requests
+
+
+def _site_kwargs() -> dict[str, Any]:
+    # Twisted 26.10 can skip parsing form bodies, which a proxy must never do (wasted work on
+    # bodies it forwards as they are); older releases lack the option.
+    if "parsePOSTFormSubmission" in inspect.signature(server.Site.__init__).parameters:
+        return {"parsePOSTFormSubmission": False}
+    return {}
+
+
+class GatewaySite(server.Site):
+    """
+    The site of one HTTP entrypoint.
+
+    @ivar max_request_body_bytes: the entrypoint's body limit.
+    @ivar channels: the open connections, for draining on shutdown.
+    """
+
+    requestFactory = GatewayRequest
+    protocol = GatewayChannel
+    displayTracebacks = False
+    noisy = False
+
+    def __init__(
+        self,
+        resource: IResource,
+        clock: IReactorTime,
+        max_request_body_bytes: int,
+        timeout: float = 60.0,
+    ) -> None:
+        server.Site.__init__(self, resource, timeout=timeout, reactor=clock, **_site_kwargs())
+        self.max_request_body_bytes = max_request_body_bytes
+        self.channels: Set[GatewayChannel] = set()
+        self._drained: Optional[defer.Deferred[None]] = None
+
+    def log(self, request: http.Request) -> None:
+        """
+        No Common Log Format line per request: it would be a synchronous write on the hot path.
+        """
+
+    def drain(self) -> defer.Deferred[None]:
+        """
+        Close idle connections now, let busy ones finish their current request (no keep-alive
+        after it), and fire once every connection is gone.
+        """
+        for channel in list(self.channels):
+            channel.persistent = False
+            if channel.idle:
+                channel.loseConnection()
+        if not self.channels:
+            return defer.succeed(None)
+        self._drained = defer.Deferred()
+        return self._drained
+
+    def abort_all(self) -> None:
+        """
+        Abort every remaining connection (the drain deadline passed).
+        """
+        for channel in list(self.channels):
+            channel.transport.abortConnection()
+
+    def channel_closed(self) -> None:
+        if self._drained is not None and not self.channels:
+            drained, self._drained = self._drained, None
+            drained.callback(None)

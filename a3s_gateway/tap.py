@@ -1,0 +1,86 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+twistd integration: the plugin's L{Options} and L{makeService}.
+
+With no C{--config}, the packaged default configuration (C{conf/gateway.hcl}) is served together
+with the demo upstreams it points at, so a newcomer sees the gateway work with nothing else
+running.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+from twisted.application.service import IService, MultiService
+from twisted.python import usage
+
+from a3s_gateway import __version__
+from a3s_gateway.config import ConfigError, GatewayConfig, apply_listen, load_config
+
+DEFAULT_CONFIG_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf", "gateway.hcl")
+
+
+class Options(usage.Options):
+    """
+    Options of C{twistd a3s-gateway}, shared by the C{a3s-gateway} command. Parsing them loads and
+    validates the configuration, so a bad one is reported as a usage error and nothing starts.
+    """
+
+    synopsis = "[--config PATH] [--listen ADDR]"
+    optParameters = [
+        ["config", "c", None, "Path to the HCL config file (default: the embedded demo config)."],
+        ["listen", "l", None, "Replace (or create) the HTTP entrypoint 'web' with this address."],
+    ]
+
+    def opt_version(self) -> None:
+        """
+        Print the version and exit.
+        """
+        print(f"a3s-gateway {__version__}")
+        raise SystemExit(0)
+
+    opt_V = opt_version
+
+    def postOptions(self) -> None:
+        try:
+            self["gateway_config"] = load(self["config"], self["listen"])
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from e
+
+
+def load(path: Optional[str], listen: Optional[str]) -> GatewayConfig:
+    """
+    The configuration at C{path} (the embedded default when None), with C{--listen} applied.
+
+    @raise a3s_gateway.config.ConfigError: when it is missing or invalid.
+    """
+    config = load_config(path if path is not None else DEFAULT_CONFIG_PATH)
+    if listen:
+        config = apply_listen(config, listen)
+    return config
+
+
+def build_service(config: GatewayConfig, reactor: Any, with_demo: bool) -> IService:
+    """
+    The gateway service tree: the L{Gateway}, preceded by the demo upstreams when the embedded
+    default configuration is served.
+    """
+    from a3s_gateway.gateway import Gateway
+
+    root = MultiService()
+    if with_demo:
+        from a3s_gateway.demo import DemoUpstreams
+
+        DemoUpstreams(reactor).setServiceParent(root)
+    Gateway(config, reactor).setServiceParent(root)
+    return root
+
+
+def makeService(options: Options) -> IService:
+    """
+    twistd's entry point.
+    """
+    from twisted.internet import reactor
+
+    return build_service(options["gateway_config"], reactor, with_demo=options["config"] is None)

@@ -1,0 +1,253 @@
+#!/usr/bin/env bash
+# a3s-gateway benchmark: throughput and latency of a small keep-alive GET on loopback, measured in
+# one run with wrk for the gateway and its peers side by side, so that ratios taken in the same run
+# can be quoted (absolute figures drift from run to run on shared machines; see bench/README.md).
+#
+# usage: bench/run.sh [seconds=8] [connections=50]
+#   PY=python        interpreter with Twisted and a3s-gateway's dependencies (default: python3);
+#                    the gateway, the stock proxy and the hello-world all run on it
+#   WARMUP=seconds   unmeasured wrk run before each row (default 1; 0 to skip)
+# needs: wrk. Optional: nginx (backend and nginx-proxy rows), haproxy (HAProxy row).
+# Ports used: 127.0.0.1:9300-9305.
+set -u
+export LC_ALL=C
+
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(dirname "$here")
+cd "$root" || exit 1
+secs=${1:-8}
+conns=${2:-50}
+PY=${PY:-python3}
+WARMUP=${WARMUP:-1}
+
+GATEWAY_PORT=9300 # must match bench/bench.hcl
+BACKEND_PORT=9301 # must match bench/bench.hcl
+STOCK_PORT=9302
+HELLO_PORT=9303
+NGINX_PROXY_PORT=9304
+HAPROXY_PORT=9305
+
+die() { echo "bench/run.sh: $*" >&2; exit 1; }
+
+command -v wrk >/dev/null 2>&1 || die "needs wrk (Debian/Ubuntu: apt-get install wrk)"
+"$PY" -c 'import twisted' 2>/dev/null || die "'$PY' cannot import twisted; set PY=/path/to/python"
+have_nginx=0; command -v nginx >/dev/null 2>&1 && have_nginx=1
+have_haproxy=0; command -v haproxy >/dev/null 2>&1 && have_haproxy=1
+
+run_dir=$(mktemp -d "${TMPDIR:-/tmp}/a3s-bench.XXXXXX") || die "cannot create a temporary directory"
+pids=()
+
+cleanup() {
+  trap - EXIT
+  local p alive _
+  for p in ${pids[@]+"${pids[@]}"}; do kill "$p" 2>/dev/null; done
+  # Give each process up to 5 s to exit on SIGTERM, then kill what is left.
+  for _ in $(seq 50); do
+    alive=0
+    for p in ${pids[@]+"${pids[@]}"}; do kill -0 "$p" 2>/dev/null && alive=1; done
+    [ "$alive" = 0 ] && break
+    sleep 0.1
+  done
+  for p in ${pids[@]+"${pids[@]}"}; do kill -9 "$p" 2>/dev/null; done
+  wait 2>/dev/null
+  rm -rf "$run_dir"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+accepts() { # port: true when something accepts a TCP connection on 127.0.0.1:port
+  (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+for port in $GATEWAY_PORT $BACKEND_PORT $STOCK_PORT $HELLO_PORT $NGINX_PROXY_PORT $HAPROXY_PORT; do
+  accepts "$port" && die "127.0.0.1:$port is already in use; stop whatever listens there first"
+done
+
+# start NAME PORT COMMAND...: run COMMAND in the background (output in the run directory) and wait
+# until PORT accepts connections; on failure, say so with the end of its output and return 1.
+start() {
+  local name=$1 port=$2 pid _
+  shift 2
+  "$@" >"$run_dir/$name.log" 2>&1 &
+  pid=$!
+  pids+=("$pid")
+  for _ in $(seq 300); do
+    accepts "$port" && return 0
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  echo "warning: $name did not start listening on 127.0.0.1:$port; its output ends with:" >&2
+  tail -n 8 "$run_dir/$name.log" | sed 's/^/    /' >&2
+  return 1
+}
+
+nginx_conf() { # NAME SERVER-BLOCK-BODY [HTTP-EXTRA]: an nginx.conf confined to the run directory
+  cat >"$run_dir/$1.conf" <<EOF
+worker_processes 1;
+pid $run_dir/$1.pid;
+error_log $run_dir/$1.err warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path $run_dir/$1-body;
+  proxy_temp_path $run_dir/$1-proxy;
+  fastcgi_temp_path $run_dir/$1-fastcgi;
+  uwsgi_temp_path $run_dir/$1-uwsgi;
+  scgi_temp_path $run_dir/$1-scgi;
+  ${3:-}
+  server {
+    $2
+  }
+}
+EOF
+  echo "$run_dir/$1.conf"
+}
+
+version_of() { # python expression -> its value on $PY, or "not importable"
+  "$PY" -c "import sys; $1" 2>/dev/null || echo "not importable"
+}
+
+echo "a3s-gateway benchmark: wrk -t1 -c$conns -d${secs}s --latency, keep-alive GET /, 127.0.0.1"
+echo "PY:          $(command -v "$PY") ($(version_of 'import platform; print(platform.python_implementation(), platform.python_version())'))"
+echo "twisted:     $(version_of 'import twisted; print(twisted.__version__)')"
+echo "a3s-gateway: $(version_of 'import a3s_gateway; print(a3s_gateway.__version__)')"
+echo "wrk:         $(wrk -v 2>&1 | head -n 1 | awk '{print $2}')"
+if [ "$have_nginx" = 1 ]; then
+  echo "nginx:       $(nginx -v 2>&1 | sed 's/.*nginx\///')"
+else
+  echo "nginx:       not installed (backend is bench/hello.py; no nginx-proxy row)"
+fi
+if [ "$have_haproxy" = 1 ]; then
+  echo "haproxy:     $(haproxy -v 2>&1 | head -n 1 | awk '{print $3}')"
+else
+  echo "haproxy:     not installed (no HAProxy row)"
+fi
+echo "machine:     $(uname -sr), $(getconf _NPROCESSORS_ONLN 2>/dev/null || echo '?') CPUs"
+echo
+
+# --- start everything -----------------------------------------------------------------------
+backend_ok=0 nginx_proxy_ok=0 haproxy_ok=0 stock_ok=0 gateway_ok=0 hello_ok=0
+if [ "$have_nginx" = 1 ]; then
+  backend_label="backend direct (nginx)"
+  conf=$(nginx_conf backend "listen 127.0.0.1:$BACKEND_PORT;
+    location / { default_type text/plain; return 200 \"hello from backend\\n\"; }")
+  start backend $BACKEND_PORT nginx -c "$conf" -g 'daemon off;' && backend_ok=1
+  conf=$(nginx_conf nginx-proxy "listen 127.0.0.1:$NGINX_PROXY_PORT;
+    location / { proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection \"\"; }" \
+    "upstream be { server 127.0.0.1:$BACKEND_PORT; keepalive 64; }")
+  start nginx-proxy $NGINX_PROXY_PORT nginx -c "$conf" -g 'daemon off;' && nginx_proxy_ok=1
+else
+  backend_label="backend direct (twisted hello)"
+  start backend $BACKEND_PORT "$PY" bench/hello.py $BACKEND_PORT && backend_ok=1
+fi
+if [ "$have_haproxy" = 1 ]; then
+  cat >"$run_dir/haproxy.cfg" <<EOF
+global
+  nbthread 1
+  maxconn 4000
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+  option http-keep-alive
+frontend fe
+  bind 127.0.0.1:$HAPROXY_PORT
+  default_backend be
+backend be
+  http-reuse always
+  server s1 127.0.0.1:$BACKEND_PORT
+EOF
+  start haproxy $HAPROXY_PORT haproxy -f "$run_dir/haproxy.cfg" -db && haproxy_ok=1
+fi
+start stock-proxy $STOCK_PORT "$PY" bench/stock_proxy.py $STOCK_PORT $BACKEND_PORT && stock_ok=1
+start gateway $GATEWAY_PORT "$PY" -m a3s_gateway.cli --config bench/bench.hcl && gateway_ok=1
+start hello $HELLO_PORT "$PY" bench/hello.py $HELLO_PORT && hello_ok=1
+[ "$backend_ok" = 1 ] || die "the backend did not start; nothing to measure"
+
+# --- measure --------------------------------------------------------------------------------
+# parse_wrk: wrk's output on stdin -> "req/s|p50 ms|p99 ms|notes". Latencies come in us, ms, s,
+# m or h depending on their size; all are converted to milliseconds.
+parse_wrk() {
+  awk '
+    function to_ms(v,    n, unit) {
+      if (!match(v, /^[0-9.]+/)) return ""
+      n = substr(v, 1, RLENGTH) + 0
+      unit = substr(v, RLENGTH + 1)
+      if (unit == "us") return n / 1000
+      if (unit == "ms") return n
+      if (unit == "s") return n * 1000
+      if (unit == "m") return n * 60000
+      if (unit == "h") return n * 3600000
+      return ""
+    }
+    /^Requests\/sec:/ { rps = $2 }
+    $1 == "50%" { p50 = to_ms($2) }
+    $1 == "99%" { p99 = to_ms($2) }
+    /Non-2xx or 3xx responses:/ { notes = notes "non-2xx: " $NF "; " }
+    /Socket errors:/ { sub(/^.*Socket errors: */, ""); notes = notes "socket errors: " $0 "; " }
+    END { printf "%s|%s|%s|%s\n", rps, p50, p99, notes }
+  '
+}
+
+status_of() { # port -> HTTP status of GET / (or the error), checked once before measuring
+  "$PY" - "$1" <<'EOF' 2>&1 | tail -n 1
+import sys, urllib.error, urllib.request
+try:
+    print(urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/", timeout=5).status)
+except urllib.error.HTTPError as e:
+    print(e.code)
+except Exception as e:
+    print(type(e).__name__)
+EOF
+}
+
+printf '%-34s %11s %10s %10s  %s\n' "row" "req/s" "p50 ms" "p99 ms" "notes"
+printf '%-34s %11s %10s %10s  %s\n' "---" "-----" "------" "------" "-----"
+declare -A rps_of=()
+measure() { # key label port ok
+  local key=$1 label=$2 port=$3 ok=$4 status out rps p50 p99 notes
+  if [ "$ok" != 1 ]; then
+    printf '%-34s %11s %10s %10s  %s\n' "$label" "-" "-" "-" "did not start"
+    return
+  fi
+  status=$(status_of "$port")
+  if [ "$WARMUP" != 0 ]; then
+    wrk -t1 -c"$conns" -d"${WARMUP}s" "http://127.0.0.1:$port/" >/dev/null 2>&1
+  fi
+  out=$(wrk -t1 -c"$conns" -d"${secs}s" --latency "http://127.0.0.1:$port/" 2>&1)
+  IFS='|' read -r rps p50 p99 notes <<<"$(printf '%s\n' "$out" | parse_wrk)"
+  [ "$status" = 200 ] || notes="GET / answered $status; $notes"
+  if [ -z "$rps" ]; then
+    notes="wrk failed: $(printf '%s\n' "$out" | tail -n 1)"
+  else
+    rps_of[$key]=$rps
+  fi
+  printf '%-34s %11s %10s %10s  %s\n' "$label" "${rps:--}" \
+    "$([ -n "$p50" ] && printf '%.2f' "$p50" || echo -)" \
+    "$([ -n "$p99" ] && printf '%.2f' "$p99" || echo -)" "${notes%; }"
+}
+
+measure backend "$backend_label" $BACKEND_PORT $backend_ok
+if [ "$have_nginx" = 1 ]; then
+  measure nginx-proxy "nginx proxy (upstream keepalive)" $NGINX_PROXY_PORT $nginx_proxy_ok
+fi
+if [ "$have_haproxy" = 1 ]; then
+  measure haproxy "HAProxy (1 thread)" $HAPROXY_PORT $haproxy_ok
+fi
+measure stock "twisted stock ReverseProxyResource" $STOCK_PORT $stock_ok
+measure gateway "a3s-gateway" $GATEWAY_PORT $gateway_ok
+measure hello "twisted.web hello-world" $HELLO_PORT $hello_ok
+
+ratio() { # numerator-key denominator-key
+  local a=${rps_of[$1]:-} b=${rps_of[$2]:-}
+  if [ -n "$a" ] && [ -n "$b" ]; then
+    awk -v a="$a" -v b="$b" 'BEGIN { if (b > 0) printf "%.2fx\n", a / b; else print "-" }'
+  else
+    echo "-"
+  fi
+}
+echo
+echo "gateway / stock proxy: $(ratio gateway stock)"
+echo "gateway / hello-world: $(ratio gateway hello)"

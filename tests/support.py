@@ -1,0 +1,151 @@
+"""
+Shared pieces of the end-to-end tests: a gateway running on real loopback sockets, in-process
+backends, and clients that see the bytes on the wire.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, List, Optional, Tuple
+
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.interfaces import IReactorTCP
+from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.resource import IResource
+from treq.client import HTTPClient
+
+from a3s_gateway.config import parse_config
+from a3s_gateway.gateway import Gateway
+from a3s_gateway.testing import BackendServer, listen_backend
+
+tcp_reactor: IReactorTCP = reactor  # type: ignore[assignment]
+
+
+def backend(test: TestCase, resource: IResource) -> BackendServer:
+    """
+    Serve C{resource} on a loopback port for the duration of C{test}.
+    """
+    server = listen_backend(tcp_reactor, resource)
+    test.addCleanup(server.stop)
+    return server
+
+
+def start_gateway(test: TestCase, hcl: str) -> Gateway:
+    """
+    Start a gateway for the configuration text C{hcl} (entrypoints on port 0) and stop it when
+    C{test} ends.
+    """
+    gateway = Gateway(parse_config(hcl, "test.hcl"), reactor)
+    gateway.privilegedStartService()
+    gateway.startService()
+    test.addCleanup(gateway.stopService)
+    return gateway
+
+
+def port_of(gateway: Gateway, entrypoint: str = "web") -> int:
+    """
+    The port an entrypoint of a started gateway listens on.
+    """
+    port: int = gateway.ports[entrypoint].getHost().port  # type: ignore[attr-defined]
+    return port
+
+
+def simple_config(*urls: str, extra_service: str = "", extra: str = "") -> str:
+    """
+    One entrypoint C{web} on an ephemeral port, one catch-all router to service C{svc} with the
+    given backend URLs.
+    """
+    servers = ", ".join(f'{{ url = "{url}" }}' for url in urls)
+    return f"""
+entrypoints "web" {{
+  address = "127.0.0.1:0"
+}}
+routers "all" {{
+  rule    = "PathPrefix(`/`)"
+  service = "svc"
+}}
+services "svc" {{
+  load_balancer {{
+    servers = [{servers}]
+  }}
+{extra_service}
+}}
+{extra}
+"""
+
+
+def client(test: TestCase) -> HTTPClient:
+    """
+    A treq client with its own connection pool, closed when C{test} ends.
+    """
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    test.addCleanup(pool.closeCachedConnections)
+    return HTTPClient(Agent(reactor, pool=pool))
+
+
+class _Collect(protocol.Protocol):
+    def __init__(self, payload: bytes, done: defer.Deferred[bytes]) -> None:
+        self.payload = payload
+        self.done = done
+        self.received: List[bytes] = []
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.payload)  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received.append(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.done.callback(b"".join(self.received))
+
+
+def raw_request(port: int, payload: bytes) -> defer.Deferred[bytes]:
+    """
+    Send C{payload} as it is to the gateway and collect every byte until the connection closes.
+    """
+    done: defer.Deferred[bytes] = defer.Deferred()
+    protocol.ClientCreator(reactor, _Collect, payload, done).connectTCP("127.0.0.1", port)
+    return done
+
+
+def parse_response(raw: bytes) -> Tuple[int, List[Tuple[bytes, bytes]], bytes]:
+    """
+    Split a complete HTTP/1.1 response into status, raw header list and (de-chunked) body.
+    """
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split(b" ")[1])
+    headers = [
+        (name.strip(), value.strip())
+        for name, _, value in (line.partition(b":") for line in lines[1:])
+    ]
+    if any(n.lower() == b"transfer-encoding" and v.lower() == b"chunked" for n, v in headers):
+        decoded = []
+        while body:
+            size_line, _, rest = body.partition(b"\r\n")
+            size = int(size_line.split(b";")[0], 16)
+            if size == 0:
+                break
+            decoded.append(rest[:size])
+            body = rest[size + 2 :]
+        body = b"".join(decoded)
+    return status, headers, body
+
+
+def header(headers: List[Tuple[bytes, bytes]], name: bytes) -> Optional[bytes]:
+    """
+    The first value of header C{name} (case-insensitive) in a raw list, or None.
+    """
+    for key, value in headers:
+        if key.lower() == name.lower():
+            return value
+    return None
+
+
+def json_body(body: bytes) -> Dict[str, Any]:
+    """
+    Decode a JSON object body.
+    """
+    decoded: Dict[str, Any] = json.loads(body)
+    return decoded

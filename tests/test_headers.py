@@ -1,0 +1,192 @@
+"""
+Tests for L{a3s_gateway.proxy.headers}.
+"""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http_headers import Headers
+
+from a3s_gateway.proxy.headers import (
+    TrustedProxies,
+    connection_tokens,
+    forward_request_headers,
+    parse_networks,
+    response_headers,
+)
+
+
+def _raw(*pairs: tuple[bytes, bytes]) -> Headers:
+    headers = Headers()
+    for name, value in pairs:
+        headers.addRawHeader(name, value)
+    return headers
+
+
+def _names(pairs: list[tuple[bytes, bytes]]) -> list[bytes]:
+    return [name.lower() for name, _ in pairs]
+
+
+class ConnectionTokensTests(SynchronousTestCase):
+    def test_tokens(self) -> None:
+        """
+        Every comma-separated token of every Connection value is returned lower-cased.
+        """
+        self.assertEqual(
+            connection_tokens([b"Keep-Alive, X-Secret", b" close "]),
+            frozenset({b"keep-alive", b"x-secret", b"close"}),
+        )
+
+    def test_none(self) -> None:
+        """
+        No Connection header names nothing.
+        """
+        self.assertEqual(connection_tokens(None), frozenset())
+
+
+class TrustedProxiesTests(SynchronousTestCase):
+    def test_nobody_trusted_by_default(self) -> None:
+        """
+        With no trusted networks the client's address is always the peer.
+        """
+        proxies = TrustedProxies()
+        self.assertFalse(proxies.trusts("10.0.0.1"))
+        self.assertEqual(proxies.client_ip("10.0.0.1", [b"1.2.3.4"]), "10.0.0.1")
+
+    def test_cidr_v4_v6(self) -> None:
+        """
+        IPv4 and IPv6 CIDRs and bare addresses are matched; IPv4-mapped IPv6 peers count as IPv4.
+        """
+        proxies = TrustedProxies(parse_networks(["10.0.0.0/8", "::1", "2001:db8::/32"]))
+        self.assertTrue(proxies.trusts("10.9.8.7"))
+        self.assertTrue(proxies.trusts("::ffff:10.0.0.1"))
+        self.assertTrue(proxies.trusts("::1"))
+        self.assertTrue(proxies.trusts("2001:db8::5"))
+        self.assertFalse(proxies.trusts("11.0.0.1"))
+        self.assertFalse(proxies.trusts("not-an-ip"))
+
+    def test_last_untrusted_hop(self) -> None:
+        """
+        Through a trusted peer, the client is the last X-Forwarded-For address that is not
+        itself trusted, walking from the right.
+        """
+        proxies = TrustedProxies(parse_networks(["10.0.0.0/8"]))
+        self.assertEqual(
+            proxies.client_ip("10.0.0.1", [b"6.6.6.6, 1.2.3.4", b"10.0.0.2"]), "1.2.3.4"
+        )
+
+    def test_forged_garbage(self) -> None:
+        """
+        A hop that is not an address stops the walk at the last good address.
+        """
+        proxies = TrustedProxies(parse_networks(["10.0.0.0/8"]))
+        self.assertEqual(proxies.client_ip("10.0.0.1", [b"<script>, 1.2.3.4"]), "1.2.3.4")
+        self.assertEqual(proxies.client_ip("10.0.0.1", [b"1.2.3.4, junk"]), "10.0.0.1")
+
+    def test_bad_network(self) -> None:
+        """
+        An entry that is neither an IP nor a CIDR is a ValueError.
+        """
+        self.assertRaises(ValueError, parse_networks, ["10.0.0.0/33"])
+
+
+class ForwardRequestHeadersTests(SynchronousTestCase):
+    def test_hop_by_hop_removed(self) -> None:
+        """
+        The standard hop-by-hop headers, those named in Connection and Content-Length are not
+        forwarded; Host and repeated end-to-end headers are, in order.
+        """
+        headers = _raw(
+            (b"Host", b"example.com:8080"),
+            (b"Connection", b"keep-alive, X-Hop"),
+            (b"Keep-Alive", b"timeout=5"),
+            (b"X-Hop", b"secret"),
+            (b"TE", b"trailers"),
+            (b"Transfer-Encoding", b"chunked"),
+            (b"Content-Length", b"5"),
+            (b"Upgrade", b"h2c"),
+            (b"Proxy-Authorization", b"Basic x"),
+            (b"Cookie", b"a=1"),
+            (b"Cookie", b"b=2"),
+        )
+        out = forward_request_headers(headers.getAllRawHeaders(), "1.2.3.4", "1.2.3.4", False, b"http")
+        self.assertEqual(
+            [pair for pair in out if not pair[0].lower().startswith(b"x-")],
+            [(b"Host", b"example.com:8080"), (b"Cookie", b"a=1"), (b"Cookie", b"b=2")],
+        )
+        self.assertNotIn(b"x-hop", _names(out))
+
+    def test_untrusted_forwarded_replaced(self) -> None:
+        """
+        X-Forwarded-* and X-Real-IP sent by an untrusted client are replaced by the gateway's own.
+        """
+        headers = _raw(
+            (b"Host", b"api.example.com"),
+            (b"X-Forwarded-For", b"6.6.6.6"),
+            (b"X-Forwarded-Proto", b"https"),
+            (b"X-Forwarded-Host", b"evil.example"),
+            (b"X-Real-IP", b"6.6.6.6"),
+        )
+        out = dict(
+            forward_request_headers(headers.getAllRawHeaders(), "1.2.3.4", "1.2.3.4", False, b"http")
+        )
+        self.assertEqual(out[b"X-Forwarded-For"], b"1.2.3.4")
+        self.assertEqual(out[b"X-Forwarded-Proto"], b"http")
+        self.assertEqual(out[b"X-Forwarded-Host"], b"api.example.com")
+        self.assertEqual(out[b"X-Real-IP"], b"1.2.3.4")
+
+    def test_trusted_forwarded_kept(self) -> None:
+        """
+        From a trusted proxy, its X-Forwarded-* values are kept and the peer is appended to
+        X-Forwarded-For; X-Real-IP is the resolved client.
+        """
+        headers = _raw(
+            (b"Host", b"internal"),
+            (b"X-Forwarded-For", b"1.2.3.4"),
+            (b"X-Forwarded-Proto", b"https"),
+            (b"X-Forwarded-Host", b"api.example.com"),
+        )
+        out = dict(
+            forward_request_headers(headers.getAllRawHeaders(), "10.0.0.1", "1.2.3.4", True, b"http")
+        )
+        self.assertEqual(out[b"X-Forwarded-For"], b"1.2.3.4, 10.0.0.1")
+        self.assertEqual(out[b"X-Forwarded-Proto"], b"https")
+        self.assertEqual(out[b"X-Forwarded-Host"], b"api.example.com")
+        self.assertEqual(out[b"X-Real-IP"], b"1.2.3.4")
+
+    def test_no_host(self) -> None:
+        """
+        Without a Host header no X-Forwarded-Host is invented.
+        """
+        out = forward_request_headers([], "1.2.3.4", "1.2.3.4", False, b"https")
+        self.assertNotIn(b"x-forwarded-host", _names(out))
+        self.assertIn((b"X-Forwarded-Proto", b"https"), out)
+
+
+class ResponseHeadersTests(SynchronousTestCase):
+    def test_filtered(self) -> None:
+        """
+        Hop-by-hop response headers, those named in Connection and framing headers are dropped;
+        repeated Set-Cookie headers are kept in order.
+        """
+        raw = [
+            (b"Content-Type", b"text/plain"),
+            (b"Connection", b"X-Internal"),
+            (b"X-Internal", b"1"),
+            (b"Keep-Alive", b"timeout=5"),
+            (b"Transfer-Encoding", b"chunked"),
+            (b"Content-Length", b"10"),
+            (b"Set-Cookie", b"a=1"),
+            (b"Set-Cookie", b"b=2"),
+        ]
+        self.assertEqual(
+            response_headers(raw, keep_length=False),
+            [(b"Content-Type", b"text/plain"), (b"Set-Cookie", b"a=1"), (b"Set-Cookie", b"b=2")],
+        )
+
+    def test_keep_length(self) -> None:
+        """
+        For bodiless responses (HEAD, 304) the upstream's Content-Length is kept.
+        """
+        raw = [(b"Content-Length", b"10")]
+        self.assertEqual(response_headers(raw, keep_length=True), raw)

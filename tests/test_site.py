@@ -1,0 +1,179 @@
+"""
+Tests for L{a3s_gateway.proxy.site}: body limits, header limits, error rendering and draining,
+driven over Twisted's L{StringTransport}.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import List
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from a3s_gateway.proxy.site import GatewayChannel, GatewaySite
+
+
+class _Recorder(Resource):
+    """
+    Answers every request with the size of the body it received; C{/hold} keeps the request open;
+    C{/boom} raises.
+    """
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        Resource.__init__(self)
+        self.held: List[Request] = []
+
+    def render(self, request: Request) -> object:
+        if request.path == b"/boom":
+            raise RuntimeError("secret internal detail")
+        if request.path == b"/hold":
+            self.held.append(request)
+            return NOT_DONE_YET
+        assert request.content is not None
+        return b"%d" % (len(request.content.read()),)
+
+
+class SiteTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.resource = _Recorder()
+        self.site = GatewaySite(self.resource, self.clock, max_request_body_bytes=10)
+
+    def connect(self) -> tuple[GatewayChannel, StringTransport]:
+        channel = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        return channel, transport
+
+    def test_body_within_limit(self) -> None:
+        """
+        A body up to the limit is read and handed to the resource.
+        """
+        channel, transport = self.connect()
+        channel.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n0123456789")
+        self.assertIn(b"200 OK", transport.value())
+        self.assertTrue(transport.value().endswith(b"10"))
+
+    def test_declared_length_over_limit(self) -> None:
+        """
+        A Content-Length over the limit is refused with 413 and the JSON body before the body is
+        read, and the connection is closed.
+        """
+        channel, transport = self.connect()
+        channel.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\n")
+        response = transport.value()
+        self.assertTrue(response.startswith(b"HTTP/1.1 413 "))
+        self.assertIn(b"Content-Type: application/json", response)
+        body = response.split(b"\r\n\r\n", 1)[1]
+        self.assertEqual(
+            json.loads(body), {"error": "Request body too large", "max_bytes": 10}
+        )
+        self.assertTrue(transport.disconnecting)
+
+    def test_chunked_over_limit(self) -> None:
+        """
+        A chunked body is counted as it arrives and refused once it passes the limit; the
+        resource never runs.
+        """
+        channel, transport = self.connect()
+        channel.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        channel.dataReceived(b"6\r\n012345\r\n")
+        self.assertEqual(transport.value(), b"")
+        channel.dataReceived(b"6\r\n012345\r\n0\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 413 "))
+        self.assertEqual(transport.value().count(b"HTTP/1.1"), 1)
+        self.assertTrue(transport.disconnecting)
+
+    def test_header_section_too_large(self) -> None:
+        """
+        A header section over twisted.web's total size gets 431, not a bare 400.
+        """
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 431 "))
+        self.assertTrue(transport.disconnecting)
+
+    def test_too_many_headers(self) -> None:
+        """
+        More header lines than the channel's maximum get 431.
+        """
+        channel, transport = self.connect()
+        channel.maxHeaders = 5
+        channel.dataReceived(
+            b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(6)) + b"\r\n"
+        )
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 431 "))
+
+    def test_malformed_request_line(self) -> None:
+        """
+        A malformed request line gets a bare 400 and the connection is closed.
+        """
+        channel, transport = self.connect()
+        channel.dataReceived(b"GARBAGE\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 400 "))
+        self.assertTrue(transport.disconnecting)
+
+    def test_connection_close_among_tokens(self) -> None:
+        """
+        ``Connection: close`` is honoured when it is one of several comma-separated tokens
+        (twisted.web alone splits on spaces and keeps the connection open).
+        """
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close, X-Private\r\n\r\n")
+        self.assertIn(b"Connection: close", transport.value())
+        self.assertTrue(transport.disconnecting)
+
+    def test_processing_failure_is_json(self) -> None:
+        """
+        An exception in a resource answers 500 with the JSON error body and no traceback.
+        """
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET /boom HTTP/1.1\r\nHost: x\r\n\r\n")
+        response = transport.value()
+        self.assertIn(b"500 Internal Server Error", response)
+        self.assertIn(b"Content-Type: application/json", response)
+        self.assertNotIn(b"secret internal detail", response)
+        self.assertNotIn(b"Traceback", response)
+        self.assertEqual(
+            json.loads(response.split(b"\r\n\r\n", 1)[1]), {"error": "Internal server error"}
+        )
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_no_default_content_type(self) -> None:
+        """
+        twisted.web's default text/html Content-Type is not invented for responses.
+        """
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertNotIn(b"text/html", transport.value())
+
+    def test_drain_closes_idle_and_waits_for_busy(self) -> None:
+        """
+        Draining closes idle connections at once, lets a busy one finish its response without
+        keep-alive, and fires when all are gone.
+        """
+        idle, idle_transport = self.connect()
+        busy, busy_transport = self.connect()
+        busy.dataReceived(b"GET /hold HTTP/1.1\r\nHost: x\r\n\r\n")
+        drained = self.site.drain()
+        self.assertTrue(idle_transport.disconnecting)
+        idle.connectionLost(None)  # type: ignore[arg-type]
+        self.assertNoResult(drained)
+        request = self.resource.held.pop()
+        request.write(b"done")
+        request.finish()
+        self.assertTrue(busy_transport.disconnecting)
+        busy.connectionLost(None)  # type: ignore[arg-type]
+        self.successResultOf(drained)
+
+    def test_drain_with_no_connections(self) -> None:
+        """
+        Draining a site with no connections is done at once.
+        """
+        self.successResultOf(self.site.drain())
