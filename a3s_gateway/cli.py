@@ -96,7 +96,7 @@ def run(config_path: Optional[str], listen: Optional[str], err: TextIO) -> int:
         return 1
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.run()
     return 0
 
 

@@ -27,6 +27,8 @@ from a3s_gateway.config.schema import EntrypointConfig, GatewayConfig, TlsConfig
 from a3s_gateway.proxy.headers import TrustedProxies, parse_networks
 from a3s_gateway.proxy.resource import EntrypointResource
 from a3s_gateway.proxy.site import GatewaySite
+from a3s_gateway.proxy.tcp import TcpEntrypointFactory
+from a3s_gateway.proxy.udp import UdpEntrypoint
 from a3s_gateway.proxy.upstream import UpstreamPool
 from a3s_gateway.router.table import RouteTable
 from a3s_gateway.service.registry import ServiceRegistry
@@ -73,6 +75,25 @@ def _tls_options(tls: TlsConfig) -> Any:
     )
 
 
+class GatewayStartError(Exception):
+    """
+    An entrypoint could not be bound; its message names the address and the entrypoint.
+    """
+
+
+def _listen_now(endpoint: IStreamServerEndpoint, factory: Any) -> IListeningPort:
+    """
+    Listen on C{endpoint} and return the port at once; TCP and SSL server endpoints listen
+    synchronously, so a bind error surfaces here and not later in a log.
+    """
+    ports: List[IListeningPort] = []
+    failures: List[Any] = []
+    endpoint.listen(factory).addCallbacks(ports.append, failures.append)
+    if failures:
+        failures[0].raiseException()
+    return ports[0]
+
+
 def server_endpoint(reactor: Any, entrypoint: EntrypointConfig) -> IStreamServerEndpoint:
     """
     The listening endpoint of an entrypoint's address (and TLS block).
@@ -106,66 +127,94 @@ class Gateway(MultiService):
         self.config = config
         self.reactor = reactor
         self.routes = RouteTable.from_config(config.routers)
+        self._probe_pool: Optional[HTTPConnectionPool] = None
         if agent is None:
-            agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+            self._probe_pool = HTTPConnectionPool(reactor, persistent=True)
+            agent = Agent(reactor, pool=self._probe_pool)
         self.registry = ServiceRegistry.from_config(config, reactor, agent)
         for checker in self.registry.health_checkers:
             checker.setServiceParent(self)
         self.pool = UpstreamPool(reactor)
         self.sites: Dict[str, GatewaySite] = {}
+        self.tcp: Dict[str, TcpEntrypointFactory] = {}
+        self.udp: Dict[str, UdpEntrypoint] = {}
         self.ports: Dict[str, IListeningPort] = {}
+        services = self.registry.services
         for name, entrypoint in config.entrypoints.items():
-            if entrypoint.protocol != "http":
-                continue
-            resource = EntrypointResource(
-                name,
-                self.routes,
-                self.registry.services,
-                self.pool,
-                TrustedProxies(parse_networks(entrypoint.forwarded_headers.trusted_ips)),
-                secure=entrypoint.tls is not None,
-            )
-            self.sites[name] = GatewaySite(resource, reactor, entrypoint.max_request_body_bytes)
+            if entrypoint.protocol == "tcp":
+                self.tcp[name] = TcpEntrypointFactory(
+                    name, entrypoint, self.routes, services, reactor
+                )
+            elif entrypoint.protocol == "udp":
+                self.udp[name] = UdpEntrypoint(name, entrypoint, self.routes, services, reactor)
+            else:
+                resource = EntrypointResource(
+                    name,
+                    self.routes,
+                    services,
+                    self.pool,
+                    TrustedProxies(parse_networks(entrypoint.forwarded_headers.trusted_ips)),
+                    secure=entrypoint.tls is not None,
+                )
+                self.sites[name] = GatewaySite(resource, reactor, entrypoint.max_request_body_bytes)
 
     def privilegedStartService(self) -> None:
         """
-        Bind every entrypoint before privileges are dropped; a bind error aborts the start.
+        Bind every entrypoint before privileges are dropped. A bind failure closes what was
+        already bound and raises L{GatewayStartError}: nothing starts.
         """
-        for name, site in self.sites.items():
-            endpoint = server_endpoint(self.reactor, self.config.entrypoints[name])
-            failures: List[Any] = []
-            d = endpoint.listen(site)
-            d.addCallbacks(lambda port, name=name: self.ports.__setitem__(name, port), failures.append)
-            if failures:
-                failures[0].raiseException()
-            if name not in self.ports:
-                raise RuntimeError(f"entrypoint '{name}' did not bind synchronously")
-            self._log.info(
-                "Entrypoint {name} listening on {address}",
-                name=name,
-                address=self.config.entrypoints[name].address,
-            )
+        try:
+            for name, factory in [*self.sites.items(), *self.tcp.items()]:
+                entrypoint = self.config.entrypoints[name]
+                self.ports[name] = _listen_now(server_endpoint(self.reactor, entrypoint), factory)
+                self._log.info(
+                    "Entrypoint {name} ({protocol}) listening on {address}",
+                    name=name,
+                    protocol=entrypoint.protocol,
+                    address=entrypoint.address,
+                )
+            for name, udp in self.udp.items():
+                self.ports[name] = udp.listen()
+                self._log.info(
+                    "Entrypoint {name} (udp) listening on {address}",
+                    name=name,
+                    address=self.config.entrypoints[name].address,
+                )
+        except Exception as e:
+            for port in self.ports.values():
+                port.stopListening()
+            self.ports.clear()
+            address = self.config.entrypoints[name].address
+            raise GatewayStartError(f"Failed to bind {address} (entrypoint '{name}'): {e}") from e
         MultiService.privilegedStartService(self)
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
         """
-        Drain: stop accepting, let in-flight requests and streams finish up to
+        Drain: stop accepting, let in-flight requests, streams and TCP sessions finish up to
         C{shutdown_timeout_secs}, then abort what is left and close pooled connections.
         """
         yield defer.gatherResults(
             [defer.maybeDeferred(port.stopListening) for port in self.ports.values()]
         )
         self.ports.clear()
-        drained = defer.gatherResults([site.drain() for site in self.sites.values()])
+        drained = defer.gatherResults(
+            [site.drain() for site in self.sites.values()]
+            + [factory.drain() for factory in self.tcp.values()]
+            + [udp.stop() for udp in self.udp.values()]
+        )
         deadline = self.reactor.callLater(self.config.shutdown_timeout_secs, self._abort)
         yield drained
         if deadline.active():
             deadline.cancel()
         yield MultiService.stopService(self)
         yield self.pool.close_idle()
+        if self._probe_pool is not None:
+            yield self._probe_pool.closeCachedConnections()
 
     def _abort(self) -> None:
         self._log.warn("Drain deadline passed; aborting the remaining connections")
         for site in self.sites.values():
             site.abort_all()
+        for factory in self.tcp.values():
+            factory.abort_all()

@@ -18,7 +18,9 @@ from twisted.python import usage
 from a3s_gateway import __version__
 from a3s_gateway.config import ConfigError, GatewayConfig, apply_listen, load_config
 
-DEFAULT_CONFIG_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf", "gateway.hcl")
+DEFAULT_CONFIG_PATH = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "conf", "gateway.hcl"
+)
 
 
 class Options(usage.Options):

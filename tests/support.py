@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 from typing import Any, Dict, List, Optional, Tuple
 
+from treq.client import HTTPClient
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.interfaces import IReactorTCP
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import IResource
-from treq.client import HTTPClient
 
 from a3s_gateway.config import parse_config
 from a3s_gateway.gateway import Gateway
@@ -105,7 +105,10 @@ def raw_request(port: int, payload: bytes) -> defer.Deferred[bytes]:
     Send C{payload} as it is to the gateway and collect every byte until the connection closes.
     """
     done: defer.Deferred[bytes] = defer.Deferred()
-    protocol.ClientCreator(reactor, _Collect, payload, done).connectTCP("127.0.0.1", port)
+    connecting = protocol.ClientCreator(reactor, _Collect, payload, done).connectTCP(
+        "127.0.0.1", port
+    )
+    connecting.addErrback(done.errback)
     return done
 
 

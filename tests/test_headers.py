@@ -109,7 +109,9 @@ class ForwardRequestHeadersTests(SynchronousTestCase):
             (b"Cookie", b"a=1"),
             (b"Cookie", b"b=2"),
         )
-        out = forward_request_headers(headers.getAllRawHeaders(), "1.2.3.4", "1.2.3.4", False, b"http")
+        out = forward_request_headers(
+            headers.getAllRawHeaders(), "1.2.3.4", "1.2.3.4", False, b"http"
+        )
         self.assertEqual(
             [pair for pair in out if not pair[0].lower().startswith(b"x-")],
             [(b"Host", b"example.com:8080"), (b"Cookie", b"a=1"), (b"Cookie", b"b=2")],
@@ -128,7 +130,9 @@ class ForwardRequestHeadersTests(SynchronousTestCase):
             (b"X-Real-IP", b"6.6.6.6"),
         )
         out = dict(
-            forward_request_headers(headers.getAllRawHeaders(), "1.2.3.4", "1.2.3.4", False, b"http")
+            forward_request_headers(
+                headers.getAllRawHeaders(), "1.2.3.4", "1.2.3.4", False, b"http"
+            )
         )
         self.assertEqual(out[b"X-Forwarded-For"], b"1.2.3.4")
         self.assertEqual(out[b"X-Forwarded-Proto"], b"http")
@@ -147,7 +151,9 @@ class ForwardRequestHeadersTests(SynchronousTestCase):
             (b"X-Forwarded-Host", b"api.example.com"),
         )
         out = dict(
-            forward_request_headers(headers.getAllRawHeaders(), "10.0.0.1", "1.2.3.4", True, b"http")
+            forward_request_headers(
+                headers.getAllRawHeaders(), "10.0.0.1", "1.2.3.4", True, b"http"
+            )
         )
         self.assertEqual(out[b"X-Forwarded-For"], b"1.2.3.4, 10.0.0.1")
         self.assertEqual(out[b"X-Forwarded-Proto"], b"https")

@@ -135,9 +135,7 @@ class ProxyTests(TestCase):
             b"GET / HTTP/1.1\r\nHost: x\r\nCookie: a=1\r\nCookie: b=2\r\nConnection: close\r\n\r\n",
         )
         seen = json_body(parse_response(raw)[2])
-        self.assertEqual(
-            [v for n, v in seen["headers"] if n.lower() == "cookie"], ["a=1", "b=2"]
-        )
+        self.assertEqual([v for n, v in seen["headers"] if n.lower() == "cookie"], ["a=1", "b=2"])
 
     @defer.inlineCallbacks
     def test_forwarded_headers(self) -> None:
@@ -167,7 +165,8 @@ class ProxyTests(TestCase):
         echo = backend(self, EchoResource("echo"))
         config = simple_config(echo.url).replace(
             'address = "127.0.0.1:0"',
-            'address = "127.0.0.1:0"\n  forwarded_headers {\n    trusted_ips = ["127.0.0.0/8"]\n  }',
+            'address = "127.0.0.1:0"\n'
+            '  forwarded_headers {\n    trusted_ips = ["127.0.0.0/8"]\n  }',
         )
         gateway = start_gateway(self, config)
         raw = yield raw_request(
@@ -211,9 +210,7 @@ class ProxyTests(TestCase):
         )
         listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(listening.stopListening)
-        gateway = start_gateway(
-            self, simple_config(f"http://127.0.0.1:{listening.getHost().port}")
-        )
+        gateway = start_gateway(self, simple_config(f"http://127.0.0.1:{listening.getHost().port}"))
         raw = yield raw_request(
             port_of(gateway), b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
         )
@@ -293,7 +290,8 @@ class ProxyTests(TestCase):
         gateway = start_gateway(self, simple_config(echo.url))
         size = 8 * 1024 * 1024
         raw = yield raw_request(
-            port_of(gateway), b"GET /?size=%d HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % size
+            port_of(gateway),
+            b"GET /?size=%d HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % size,
         )
         status, headers, body = parse_response(raw)
         self.assertEqual(status, 200)
@@ -311,7 +309,8 @@ class ProxyTests(TestCase):
         gateway = start_gateway(self, simple_config(server.url))
         reader = yield _connect(
             port_of(gateway),
-            b'POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 16\r\n\r\n{"stream": true}',
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 16\r\n\r\n"
+            b'{"stream": true}',
         )
         request = yield controlled.arrived
         request.setHeader(b"content-type", b"text/event-stream")
@@ -409,7 +408,9 @@ class ProxyTests(TestCase):
         server = backend(self, SlowResource(reactor, 30.0))
         gateway = start_gateway(
             self,
-            simple_config(server.url, extra_service='  timeouts {\n    response_header = "200ms"\n  }'),
+            simple_config(
+                server.url, extra_service='  timeouts {\n    response_header = "200ms"\n  }'
+            ),
         )
         raw = yield raw_request(
             port_of(gateway), b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"

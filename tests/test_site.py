@@ -71,9 +71,7 @@ class SiteTests(SynchronousTestCase):
         self.assertTrue(response.startswith(b"HTTP/1.1 413 "))
         self.assertIn(b"Content-Type: application/json", response)
         body = response.split(b"\r\n\r\n", 1)[1]
-        self.assertEqual(
-            json.loads(body), {"error": "Request body too large", "max_bytes": 10}
-        )
+        self.assertEqual(json.loads(body), {"error": "Request body too large", "max_bytes": 10})
         self.assertTrue(transport.disconnecting)
 
     def test_chunked_over_limit(self) -> None:

@@ -24,6 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from OpenSSL import SSL, crypto
+from twisted.web.http_headers import Headers
 
 from a3s_gateway.config.errors import ConfigValidationError
 from a3s_gateway.config.schema import (
@@ -34,7 +35,8 @@ from a3s_gateway.config.schema import (
     ServiceConfig,
     TlsConfig,
 )
-from a3s_gateway.router.rule import RuleError, parse_rule
+from a3s_gateway.router.rule import RequestFacts, RuleError, parse_rule
+from a3s_gateway.router.table import RouteTable
 
 __all__ = ["check_ip_or_cidr", "format_float", "parse_address", "validate_config"]
 
@@ -467,10 +469,28 @@ class _Validator:
         self._ip_list(
             f"{path}.forwarded_headers.trusted_ips", entrypoint.forwarded_headers.trusted_ips
         )
+        if entrypoint.protocol == "udp":
+            self._udp_route(name, f"{path}.address")
         if entrypoint.max_request_body_bytes <= 0:
             self.fail(
                 f"{path}.max_request_body_bytes",
                 f"Entrypoint '{name}': max_request_body_bytes must be greater than 0",
+            )
+
+    def _udp_route(self, name: str, key_path: str) -> None:
+        """
+        A UDP entrypoint picks its one upstream at start from the router matching the synthetic
+        ``UDP`` request, so a config where none matches could only fail at start.
+        """
+        facts = RequestFacts(
+            method=b"UDP", host=None, path=b"/", query=b"", headers=Headers(), client_ip=""
+        )
+        route = RouteTable.from_config(self.config.routers).match(name, facts)
+        service = self.config.services.get(route.service) if route is not None else None
+        if service is None or not service.load_balancer.servers:
+            self.fail(
+                key_path,
+                f"UDP entrypoint '{name}' has no matching router/service with a healthy backend",
             )
 
     def _ip_list(self, key_path: str, entries: Sequence[str]) -> None:

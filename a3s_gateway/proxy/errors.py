@@ -34,11 +34,16 @@ def raw_error_response(code: int, message: str, **extra: Any) -> bytes:
     """
     body = error_body(message, **extra)
     phrase = RESPONSES.get(code, b"Error")
-    return b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n" % (
-        code,
-        phrase,
-        len(body),
-    ) + b"Connection: close\r\n\r\n" + body
+    return (
+        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+        % (
+            code,
+            phrase,
+            len(body),
+        )
+        + b"Connection: close\r\n\r\n"
+        + body
+    )
 
 
 def write_error(request: Request, code: int, message: str, **extra: Any) -> None:
@@ -53,7 +58,7 @@ def write_error(request: Request, code: int, message: str, **extra: Any) -> None
     request.finish()
 
 
-def upstream_failure(error: Optional[BaseException], url: str) -> "tuple[int, str]":
+def upstream_failure(error: Optional[BaseException], url: str) -> tuple[int, str]:
     """
     The status and message for an upstream failure before the response started: 504
     ``Upstream timeout after <ms>ms`` for a timeout, otherwise 502 in the reference's family

@@ -10,8 +10,9 @@ per request, callbacks instead of Deferred chains.
 from __future__ import annotations
 
 import io
-from typing import IO, List, Mapping, Optional, Tuple
+from typing import IO, List, Mapping, Optional, Tuple, cast
 
+from twisted.internet.interfaces import ITCPTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
@@ -26,6 +27,7 @@ from a3s_gateway.proxy.upstream import Exchange, UpstreamPool
 from a3s_gateway.router.rule import RequestFacts
 from a3s_gateway.router.table import RouteTable
 from a3s_gateway.service.backend import Backend
+from a3s_gateway.service.mirror import MirrorSampler
 from a3s_gateway.service.registry import Service
 
 # The reference sends mirrored copies with a 30 s timeout and ignores the outcome.
@@ -133,7 +135,7 @@ class Relay:
             # framed (chunked or Content-Length) a clean close after the bytes already sent
             # shows the truncation; a close-delimited body can only be flagged by a reset.
             request.unregisterProducer()
-            transport = request.channel.transport
+            transport = cast(ITCPTransport, request.channel.transport)
             if request.chunked or request.responseHeaders.hasHeader(b"content-length"):
                 transport.loseConnection()
             else:
@@ -203,11 +205,11 @@ class EntrypointResource(Resource):
         self.secure = secure
         self._scheme = b"https" if secure else b"http"
 
-    def render(self, request: GatewayRequest) -> object:  # type: ignore[override]
+    def render(self, request: GatewayRequest) -> object:
         headers = request.requestHeaders
         peer = request.getClientAddress().host
         forwarded_for = headers.getRawHeaders(b"x-forwarded-for")
-        trusted = self.trusted.trusts(peer) if self.trusted.networks else False
+        trusted = self.trusted.trusts(peer)
         client_ip = self.trusted.client_ip(peer, forwarded_for) if trusted else peer
         host = headers.getRawHeaders(b"host")
         target = _origin_form(request.uri)
@@ -254,7 +256,7 @@ class EntrypointResource(Resource):
 
     def _mirror(
         self,
-        mirror: Tuple[Service, object],
+        mirror: Tuple[Service, MirrorSampler],
         method: bytes,
         target: bytes,
         forward: List[Tuple[bytes, bytes]],
@@ -266,7 +268,7 @@ class EntrypointResource(Resource):
         never reaches the client.
         """
         shadow, sampler = mirror
-        if not sampler.should_mirror():  # type: ignore[attr-defined]
+        if not sampler.should_mirror():
             return
         backend = shadow.balancer.next_backend()
         if backend is None:

@@ -11,10 +11,11 @@ twisted.web buffers a request body before any resource runs and has no limit of 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Optional, Set
+from typing import Any, Optional, Set, cast
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTime, ITCPTransport
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
@@ -41,6 +42,8 @@ class GatewayRequest(server.Request):
     # No Content-Type is invented for upstream responses that have none.
     defaultContentType = None
 
+    channel: GatewayChannel
+
     def gotLength(self, length: Optional[int]) -> None:
         limit = self.channel.site.max_request_body_bytes
         if length is not None and length > limit:
@@ -62,7 +65,7 @@ class GatewayRequest(server.Request):
         # The request line and headers are known but twisted.web has no request to answer yet,
         # so the 413 is written directly and the connection closed: the rest is never read.
         self._rejected = True
-        transport = self.channel.transport
+        transport = cast(ITCPTransport, self.channel.transport)
         transport.write(raw_error_response(413, BODY_TOO_LARGE, max_bytes=limit))
         transport.loseConnection()
 
@@ -108,7 +111,7 @@ class GatewayChannel(http.HTTPChannel):
         http.HTTPChannel.connectionMade(self)
         self.site.channels.add(self)
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.site.channels.discard(self)
         http.HTTPChannel.connectionLost(self, reason)
         self.site.channel_closed()
@@ -140,7 +143,9 @@ class GatewayChannel(http.HTTPChannel):
         return ok
 
     def _respond_431(self) -> None:
-        self.transport.write(raw_error_response(431, "Request header fields too large"))
+        cast(ITCPTransport, self.transport).write(
+            raw_error_response(431, "Request header fields too large")
+        )
         self.loseConnection()
         # Whatever else arrives on this connection is not a request.
         self.dataReceived = self.lineReceived = lambda *args: None  # type: ignore[method-assign]
@@ -170,7 +175,8 @@ class GatewaySite(server.Site):
     """
 
     requestFactory = GatewayRequest
-    protocol = GatewayChannel
+    # HTTP/1.1 only: the generic channel that can negotiate h2 would not use GatewayChannel.
+    protocol = GatewayChannel  # type: ignore[assignment]
     displayTracebacks = False
     noisy = False
 
@@ -210,7 +216,7 @@ class GatewaySite(server.Site):
         Abort every remaining connection (the drain deadline passed).
         """
         for channel in list(self.channels):
-            channel.transport.abortConnection()
+            cast(ITCPTransport, channel.transport).abortConnection()
 
     def channel_closed(self) -> None:
         if self._drained is not None and not self.channels:

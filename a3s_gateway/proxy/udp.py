@@ -172,10 +172,10 @@ class UdpEntrypoint:
             raise ValueError(
                 f"UDP entrypoint '{self.name}': cannot resolve backend '{backend.host}': {e}"
             ) from None
-        host, port = parse_address(self.config.address)
         try:
+            host, port = parse_address(self.config.address)
             interface = _ip_literal(host, port) if host else ""
-        except OSError as e:
+        except (ValueError, OSError) as e:
             raise ValueError(
                 f"Invalid address '{self.config.address}' for entrypoint '{self.name}': {e}"
             ) from None

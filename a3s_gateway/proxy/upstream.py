@@ -208,7 +208,6 @@ class Exchange:
         "_head_request",
         "_key",
         "_paused",
-        "_pool",
         "_replayable",
         "_retried",
         "_start",
@@ -218,7 +217,6 @@ class Exchange:
 
     def __init__(
         self,
-        pool: UpstreamPool,
         key: Tuple[str, str, int],
         backend: Backend,
         data: bytes,
@@ -231,7 +229,6 @@ class Exchange:
         handler: ResponseHandler,
         start: float,
     ) -> None:
-        self._pool = pool
         self._key = key
         self._backend = backend
         # The request head, plus the body when it is small enough to go in the same write.
@@ -1067,7 +1064,6 @@ class UpstreamPool:
         now = self._reactor.seconds()
         key = (backend.scheme, backend.host, backend.port)
         exchange = Exchange(
-            self,
             key,
             backend,
             b"\r\n".join(lines),
