@@ -91,9 +91,8 @@ def run(config_path: Optional[str], listen: Optional[str], err: TextIO) -> int:
     service = build_service(config, reactor, with_demo=config_path is None)
     try:
         service.privilegedStartService()
-    except Exception as e:
-        err.write(f"Error: {e}\n")
-        return 1
+    except SystemExit as e:
+        return int(e.code or 1)
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()

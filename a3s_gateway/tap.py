@@ -10,6 +10,7 @@ running.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Optional
 
 from twisted.application.service import IService, MultiService
@@ -63,6 +64,24 @@ def load(path: Optional[str], listen: Optional[str]) -> GatewayConfig:
     return config
 
 
+class GatewayApplication(MultiService):
+    """
+    The root of the process's service tree. A port that cannot be bound is reported as one line
+    on stderr and exits the process with status 1, without a traceback, before anything runs.
+    """
+
+    def privilegedStartService(self) -> None:
+        from twisted.internet.error import CannotListenError
+
+        from a3s_gateway.gateway import GatewayStartError
+
+        try:
+            MultiService.privilegedStartService(self)
+        except (GatewayStartError, CannotListenError) as e:
+            sys.stderr.write(f"Error: {e}\n")
+            raise SystemExit(1) from e
+
+
 def build_service(config: GatewayConfig, reactor: Any, with_demo: bool) -> IService:
     """
     The gateway service tree: the L{Gateway}, preceded by the demo upstreams when the embedded
@@ -70,7 +89,7 @@ def build_service(config: GatewayConfig, reactor: Any, with_demo: bool) -> IServ
     """
     from a3s_gateway.gateway import Gateway
 
-    root = MultiService()
+    root = GatewayApplication()
     if with_demo:
         from a3s_gateway.demo import DemoUpstreams
 

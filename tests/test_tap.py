@@ -1,0 +1,122 @@
+"""
+Tests for L{a3s_gateway.tap}: the twistd plugin, its options and the service tree it builds.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from twisted.application.service import IServiceCollection, IServiceMaker
+from twisted.plugin import getPlugins
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from a3s_gateway.demo import DemoUpstreams
+from a3s_gateway.gateway import Gateway
+from a3s_gateway.tap import DEFAULT_CONFIG_PATH, Options, makeService
+
+CONFIG = """
+entrypoints "web" {
+  address = "127.0.0.1:0"
+}
+routers "all" {
+  rule    = "PathPrefix(`/`)"
+  service = "svc"
+}
+services "svc" {
+  load_balancer {
+    servers = [{ url = "http://127.0.0.1:9" }]
+  }
+}
+"""
+
+
+class PluginTests(SynchronousTestCase):
+    def test_plugin_discovered(self) -> None:
+        """
+        Twisted's plugin system finds the C{a3s-gateway} service maker pointing at this module.
+        """
+        makers = {maker.tapname: maker for maker in getPlugins(IServiceMaker)}
+        self.assertIn("a3s-gateway", makers)
+        self.assertEqual(makers["a3s-gateway"].module, "a3s_gateway.tap")  # type: ignore[attr-defined]
+
+    def test_twistd_help_lists_plugin(self) -> None:
+        """
+        After installation, C{twistd --help} lists C{a3s-gateway} (run from another directory,
+        so only the installed package can provide it).
+        """
+        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        output = subprocess.run(
+            [twistd, "--help"],
+            cwd=os.path.dirname(os.path.abspath(self.mktemp())),
+            capture_output=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        self.assertIn(b"a3s-gateway", output)
+
+
+class OptionsTests(SynchronousTestCase):
+    def write(self, text: str) -> str:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_default_config(self) -> None:
+        """
+        Without C{--config} the packaged default configuration is loaded: entrypoint C{web} on
+        127.0.0.1:8080.
+        """
+        options = Options()
+        options.parseOptions([])
+        self.assertTrue(os.path.exists(DEFAULT_CONFIG_PATH))
+        self.assertEqual(options["gateway_config"].entrypoints["web"].address, "127.0.0.1:8080")
+
+    def test_listen(self) -> None:
+        """
+        C{--listen} replaces the address of entrypoint C{web}.
+        """
+        options = Options()
+        options.parseOptions(["--config", self.write(CONFIG), "--listen", "127.0.0.1:9999"])
+        self.assertEqual(options["gateway_config"].entrypoints["web"].address, "127.0.0.1:9999")
+
+    def test_missing_config(self) -> None:
+        """
+        A C{--config} naming a missing file is a usage error naming it; nothing falls back.
+        """
+        options = Options()
+        e = self.assertRaises(usage.UsageError, options.parseOptions, ["--config", "nope.hcl"])
+        self.assertEqual(str(e), "Config file not found: nope.hcl")
+
+    def test_invalid_config(self) -> None:
+        """
+        An invalid configuration is a usage error naming the file, the key path and the problem.
+        """
+        path = self.write(CONFIG.replace('service = "svc"', 'service = "other"'))
+        options = Options()
+        e = self.assertRaises(usage.UsageError, options.parseOptions, ["--config", path])
+        self.assertIn(path, str(e))
+        self.assertIn("routers.all.service", str(e))
+        self.assertIn("Router 'all' references unknown service 'other'", str(e))
+
+    def test_make_service_with_config(self) -> None:
+        """
+        With a configuration file the service tree holds the gateway only.
+        """
+        options = Options()
+        options.parseOptions(["--config", self.write(CONFIG)])
+        service = makeService(options)
+        children = list(IServiceCollection(service))
+        self.assertEqual([type(child) for child in children], [Gateway])
+
+    def test_make_service_embedded_default(self) -> None:
+        """
+        On the embedded default the demo upstreams start before the gateway.
+        """
+        options = Options()
+        options.parseOptions([])
+        children = list(IServiceCollection(makeService(options)))
+        self.assertEqual([type(child) for child in children], [DemoUpstreams, Gateway])
