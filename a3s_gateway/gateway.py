@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_gateway -*-
+# -*- test-case-name: tests.test_gateway_e2e -*-
 """
 The gateway as a Twisted service: a L{Gateway} owns the entrypoints (listening sockets and their
 sites), the services' health checkers and the upstream pool, starts them together and drains
@@ -163,6 +163,19 @@ class Gateway(MultiService):
         Bind every entrypoint before privileges are dropped. A bind failure closes what was
         already bound and raises L{GatewayStartError}: nothing starts.
         """
+        self._bind()
+        MultiService.privilegedStartService(self)
+
+    def startService(self) -> None:
+        """
+        Start the health checkers; an embedder that calls only C{startService} gets its
+        entrypoints bound here.
+        """
+        if not self.ports:
+            self._bind()
+        MultiService.startService(self)
+
+    def _bind(self) -> None:
         try:
             for name, factory in [*self.sites.items(), *self.tcp.items()]:
                 entrypoint = self.config.entrypoints[name]
@@ -186,7 +199,6 @@ class Gateway(MultiService):
             self.ports.clear()
             address = self.config.entrypoints[name].address
             raise GatewayStartError(f"Failed to bind {address} (entrypoint '{name}'): {e}") from e
-        MultiService.privilegedStartService(self)
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:

@@ -152,3 +152,67 @@ def json_body(body: bytes) -> Dict[str, Any]:
     """
     decoded: Dict[str, Any] = json.loads(body)
     return decoded
+
+
+def self_signed_certificate(directory: str) -> Tuple[str, str, bytes]:
+    """
+    Write a self-signed certificate for ``localhost`` (and 127.0.0.1) and its key into
+    C{directory}; return the certificate path, the key path and the certificate's PEM.
+    """
+    import datetime
+    import ipaddress
+    import os
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    os.makedirs(directory, exist_ok=True)
+    cert_pem = certificate.public_bytes(serialization.Encoding.PEM)
+    cert_path = os.path.join(directory, "cert.pem")
+    key_path = os.path.join(directory, "key.pem")
+    with open(cert_path, "wb") as f:
+        f.write(cert_pem)
+    with open(key_path, "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+    return cert_path, key_path, cert_pem
+
+
+def tls_request(port: int, payload: bytes, trust_pem: bytes) -> defer.Deferred[bytes]:
+    """
+    Like L{raw_request}, over TLS, verifying the server as ``localhost`` against C{trust_pem}.
+    """
+    from twisted.internet import ssl
+
+    options = ssl.optionsForClientTLS("localhost", trustRoot=ssl.Certificate.loadPEM(trust_pem))
+    done: defer.Deferred[bytes] = defer.Deferred()
+    factory = protocol.ClientFactory.forProtocol(lambda: _Collect(payload, done))  # type: ignore[arg-type]
+    reactor.connectSSL("127.0.0.1", port, factory, options)  # type: ignore[attr-defined]
+    return done

@@ -25,7 +25,9 @@ from tests.support import (
     parse_response,
     port_of,
     raw_request,
+    self_signed_certificate,
     start_gateway,
+    tls_request,
 )
 
 
@@ -340,3 +342,32 @@ class DrainTests(TestCase):
         yield gateway.stopService()
         raw = yield response
         self.assertEqual(raw, b"")
+
+
+class TlsTests(TestCase):
+    @defer.inlineCallbacks
+    def test_tls_entrypoint(self) -> None:
+        """
+        An entrypoint with ``tls { cert_file, key_file }`` terminates TLS with that certificate;
+        the backend sees ``X-Forwarded-Proto: https`` and a sticky cookie is marked Secure.
+        """
+        cert, key, pem = self_signed_certificate(self.mktemp())
+        echo = backend(self, EchoResource("echo"))
+        config = _config(
+            f'{{ url = "{echo.url}" }}', lb_extra='    sticky {\n      cookie = "srv"\n    }'
+        ).replace(
+            'address = "127.0.0.1:0"',
+            f'address = "127.0.0.1:0"\n  tls {{\n    cert_file = "{cert}"\n'
+            f'    key_file  = "{key}"\n  }}',
+        )
+        gateway = start_gateway(self, config)
+        raw = yield tls_request(
+            port_of(gateway), b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", pem
+        )
+        status, headers, body = parse_response(raw)
+        self.assertEqual(status, 200)
+        seen = {n.lower(): v for n, v in json_body(body)["headers"]}
+        self.assertEqual(seen["x-forwarded-proto"], "https")
+        cookie = header(headers, b"set-cookie")
+        assert cookie is not None
+        self.assertTrue(cookie.endswith(b"; Secure"))

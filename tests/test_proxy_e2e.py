@@ -460,6 +460,23 @@ class GatewayResponsesTests(TestCase):
         self.assertEqual(body, b'{"error":"No route matched"}')
 
     @defer.inlineCallbacks
+    def test_websocket_upgrade_refused(self) -> None:
+        """
+        A WebSocket handshake gets 501 with a JSON error instead of reaching the backend as a
+        plain GET with its Upgrade header stripped.
+        """
+        echo = backend(self, EchoResource("echo"))
+        gateway = start_gateway(self, simple_config(echo.url))
+        raw = yield raw_request(
+            port_of(gateway),
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade, close\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        status, _, body = parse_response(raw)
+        self.assertEqual(status, 501)
+        self.assertEqual(json_body(body), {"error": "WebSocket upgrade is not supported"})
+
+    @defer.inlineCallbacks
     def test_body_too_large_413(self) -> None:
         """
         A body over the entrypoint's ``max_request_body_bytes`` gets 413 with the limit.
@@ -497,3 +514,79 @@ class GatewayResponsesTests(TestCase):
             self.assertNotIn(b"Traceback", raw)
         raw = yield raw_request(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         self.assertEqual(parse_response(raw)[0], 200)
+
+
+class _Firehose(Resource):
+    """
+    Streams C{total} bytes through a registered push producer, counting what twisted.web has
+    accepted from it: with backpressure the count stalls while nobody reads.
+    """
+
+    isLeaf = True
+
+    def __init__(self, total: int) -> None:
+        Resource.__init__(self)
+        self.total = total
+        self.produced = 0
+
+    def render(self, request: Request) -> object:
+        resource = self
+        chunk = b"x" * 65536
+
+        class Producer:
+            paused = False
+
+            def resumeProducing(self) -> None:
+                self.paused = False
+                while not self.paused and resource.produced < resource.total:
+                    resource.produced += len(chunk)
+                    request.write(chunk)
+                if resource.produced >= resource.total and not self.paused:
+                    request.unregisterProducer()
+                    request.finish()
+
+            def pauseProducing(self) -> None:
+                self.paused = True
+
+            def stopProducing(self) -> None:
+                self.paused = True
+
+        request.setHeader(b"content-length", b"%d" % (self.total,))
+        producer = Producer()
+        request.registerProducer(producer, True)
+        reactor.callLater(0, producer.resumeProducing)
+        return NOT_DONE_YET
+
+
+class BackpressureTests(TestCase):
+    @defer.inlineCallbacks
+    def test_slow_client_pauses_upstream(self) -> None:
+        """
+        A client that stops reading makes the gateway stop reading from the upstream: the
+        upstream can only push a bounded amount (socket buffers), not the whole 256 MB body,
+        and the transfer completes once the client reads again.
+        """
+        total = 256 * 1024 * 1024
+        firehose = _Firehose(total)
+        server = backend(self, firehose)
+        gateway = start_gateway(self, simple_config(server.url))
+        reader = yield _connect(port_of(gateway), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        reader.transport.pauseProducing()  # type: ignore[union-attr]
+        previous = -1
+        while firehose.produced != previous:
+            previous = firehose.produced
+            yield deferLater(reactor, 0.2, lambda: None)
+        self.assertLess(firehose.produced, 32 * 1024 * 1024)
+        received = 0
+
+        def count(data: bytes) -> None:
+            nonlocal received
+            received += len(data)
+
+        reader.dataReceived = count  # type: ignore[method-assign]
+        reader.transport.resumeProducing()  # type: ignore[union-attr]
+        while received < total:
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(firehose.produced, total)
+        reader.transport.loseConnection()  # type: ignore[union-attr]
+        yield reader.closed

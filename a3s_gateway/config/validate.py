@@ -24,7 +24,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from OpenSSL import SSL, crypto
-from twisted.web.http_headers import Headers
 
 from a3s_gateway.config.errors import ConfigValidationError
 from a3s_gateway.config.schema import (
@@ -36,7 +35,6 @@ from a3s_gateway.config.schema import (
     TlsConfig,
 )
 from a3s_gateway.router.rule import RequestFacts, RuleError, parse_rule
-from a3s_gateway.router.table import RouteTable
 
 __all__ = ["check_ip_or_cidr", "format_float", "parse_address", "validate_config"]
 
@@ -482,6 +480,12 @@ class _Validator:
         A UDP entrypoint picks its one upstream at start from the router matching the synthetic
         ``UDP`` request, so a config where none matches could only fail at start.
         """
+        # Imported here: the route table imports the config schema, so a module-level import
+        # would be circular.
+        from twisted.web.http_headers import Headers
+
+        from a3s_gateway.router.table import RouteTable
+
         facts = RequestFacts(
             method=b"UDP", host=None, path=b"/", query=b"", headers=Headers(), client_ip=""
         )

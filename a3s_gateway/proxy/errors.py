@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_proxy_errors -*-
+# -*- test-case-name: tests.test_proxy_e2e -*-
 """
 The responses the gateway makes itself: always valid JSON with ``Content-Type: application/json``
 and the reference's bodies (``{"error":"No route matched"}``, ...).
@@ -17,6 +17,7 @@ from a3s_gateway.proxy.upstream import UpstreamError, UpstreamTimeout
 NO_ROUTE = "No route matched"
 NO_BACKEND = "No healthy backends"
 BODY_TOO_LARGE = "Request body too large"
+WEBSOCKET_UNSUPPORTED = "WebSocket upgrade is not supported"
 
 
 def error_body(message: str, **extra: Any) -> bytes:

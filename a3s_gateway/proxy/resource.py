@@ -20,7 +20,12 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from a3s_gateway.config.schema import TimeoutsConfig
-from a3s_gateway.proxy.errors import NO_ROUTE, upstream_failure, write_error
+from a3s_gateway.proxy.errors import (
+    NO_ROUTE,
+    WEBSOCKET_UNSUPPORTED,
+    upstream_failure,
+    write_error,
+)
 from a3s_gateway.proxy.headers import TrustedProxies, forward_request_headers, response_headers
 from a3s_gateway.proxy.site import GatewayRequest
 from a3s_gateway.proxy.upstream import Exchange, UpstreamPool
@@ -222,6 +227,12 @@ class EntrypointResource(Resource):
             headers=headers,
             client_ip=client_ip,
         )
+        upgrade = headers.getRawHeaders(b"upgrade")
+        if upgrade is not None and any(b"websocket" in value.lower() for value in upgrade):
+            # Upgrade is hop-by-hop: forwarded without it, a WebSocket handshake would reach the
+            # backend as a plain GET. Say plainly that this release does not tunnel it.
+            write_error(request, 501, WEBSOCKET_UNSUPPORTED)
+            return NOT_DONE_YET
         route = self.routes.match(self.entrypoint, facts)
         if route is None:
             write_error(request, 404, NO_ROUTE)
