@@ -1,0 +1,1 @@
+"""Middlewares: the request and response phases a router runs around its service."""
