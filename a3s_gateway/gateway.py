@@ -24,6 +24,7 @@ from twisted.web.iweb import IAgent
 
 from a3s_gateway.config import parse_address
 from a3s_gateway.config.schema import EntrypointConfig, GatewayConfig, TlsConfig
+from a3s_gateway.middleware.pipeline import build_pipelines
 from a3s_gateway.proxy.headers import TrustedProxies, parse_networks
 from a3s_gateway.proxy.resource import EntrypointResource
 from a3s_gateway.proxy.site import GatewaySite
@@ -135,6 +136,7 @@ class Gateway(MultiService):
         for checker in self.registry.health_checkers:
             checker.setServiceParent(self)
         self.pool = UpstreamPool(reactor)
+        self.pipelines = build_pipelines(config, reactor, agent)
         self.sites: Dict[str, GatewaySite] = {}
         self.tcp: Dict[str, TcpEntrypointFactory] = {}
         self.udp: Dict[str, UdpEntrypoint] = {}
@@ -155,8 +157,12 @@ class Gateway(MultiService):
                     self.pool,
                     TrustedProxies(parse_networks(entrypoint.forwarded_headers.trusted_ips)),
                     secure=entrypoint.tls is not None,
+                    pipelines=self.pipelines,
+                    clock=reactor,
                 )
-                self.sites[name] = GatewaySite(resource, reactor, entrypoint.max_request_body_bytes)
+                self.sites[name] = GatewaySite(
+                    resource, reactor, entrypoint.max_request_body_bytes, prepare=resource.prepare
+                )
 
     def privilegedStartService(self) -> None:
         """
@@ -220,6 +226,7 @@ class Gateway(MultiService):
         if deadline.active():
             deadline.cancel()
         yield MultiService.stopService(self)
+        yield defer.gatherResults([pipeline.stop() for pipeline in self.pipelines.values()])
         yield self.pool.close_idle()
         if self._probe_pool is not None:
             yield self._probe_pool.closeCachedConnections()

@@ -68,7 +68,7 @@ class Pipeline:
 
     def run_request(
         self, ctx: RequestContext, start: int = 0
-    ) -> Union[None, Reply, defer.Deferred[Optional[Reply]]]:
+    ) -> Union[Reply, defer.Deferred[Optional[Reply]], None]:
         """
         Run the request phase from middleware C{start} on: None to proxy, a L{Reply} to answer,
         or a Deferred firing with either when a middleware had to wait.

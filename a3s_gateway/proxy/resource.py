@@ -1,18 +1,19 @@
 # -*- test-case-name: tests.test_proxy_e2e -*-
 """
-The twisted.web resource of an HTTP entrypoint: route → service → backend → upstream, and the relay
-that streams the upstream's answer back with backpressure.
+The twisted.web resource of an HTTP entrypoint: route → middlewares → service → backend →
+upstream, and the relay that streams the upstream's answer back with backpressure.
 
 This is the gateway's hot path: one L{RequestFacts}, one header list each way and one relay object
-per request, callbacks instead of Deferred chains.
+per request, callbacks instead of Deferred chains, and no middleware machinery at all for routers
+that list none.
 """
 
 from __future__ import annotations
 
 import io
-from typing import IO, List, Mapping, Optional, Tuple, cast
+from typing import IO, Any, List, Mapping, Optional, Tuple, cast
 
-from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.interfaces import IDelayedCall, ITCPTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
@@ -20,9 +21,13 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from a3s_gateway.config.schema import TimeoutsConfig
+from a3s_gateway.middleware.base import BodyFilter, Reply, RequestContext
+from a3s_gateway.middleware.pipeline import EMPTY, Pipeline
 from a3s_gateway.proxy.errors import (
+    INTERNAL_ERROR,
     NO_ROUTE,
     WEBSOCKET_UNSUPPORTED,
+    error_body,
     upstream_failure,
     write_error,
 )
@@ -33,12 +38,14 @@ from a3s_gateway.router.rule import RequestFacts
 from a3s_gateway.router.table import RouteTable
 from a3s_gateway.service.backend import Backend
 from a3s_gateway.service.mirror import MirrorSampler
-from a3s_gateway.service.registry import Service
+from a3s_gateway.service.registry import Selection, Service
 
 # The reference sends mirrored copies with a 30 s timeout and ignores the outcome.
 MIRROR_TIMEOUTS = TimeoutsConfig(connect=5.0, response_header=30.0, idle=30.0, total=30.0)
 # Responses that carry no body of their own: their Content-Length describes something else.
 _NO_BODY_STATUSES = frozenset({204, 304})
+
+_log = Logger()
 
 
 def _origin_form(uri: bytes) -> bytes:
@@ -69,48 +76,170 @@ def _body(request: GatewayRequest) -> Tuple[Optional[IO[bytes]], int]:
     return content, length
 
 
+def write_reply(request: GatewayRequest, reply: Reply) -> None:
+    """
+    Send a middleware's L{Reply} and finish the request.
+    """
+    request.setResponseCode(reply.status)
+    headers = Headers()
+    for name, value in reply.headers:
+        headers.addRawHeader(name, value)
+    headers.setRawHeaders(b"Content-Length", [b"%d" % (len(reply.body),)])
+    request.responseHeaders = headers
+    request.write(reply.body)
+    request.finish()
+
+
 class Relay:
     """
-    Streams one upstream response to the client (an upstream C{ResponseHandler}).
+    One proxied request's upstream side: it sends the request to the selected backend, retries
+    another backend when the router's retry policy allows and nothing has reached the client yet,
+    and streams the response (an upstream C{ResponseHandler}).
 
-    It registers the upstream exchange as the request's push producer, so a slow client pauses the
-    upstream read, and it keeps the backend's active-connection count exact: one increment when
-    the exchange starts, one decrement however it ends.
+    The upstream exchange is registered as the request's push producer, so a slow client pauses
+    the upstream read. The backend's active-connection count is exact: one increment per attempt,
+    one decrement however it ends.
     """
 
-    __slots__ = ("backend", "exchange", "request", "service", "set_cookie")
+    __slots__ = (
+        "_attempt",
+        "_filter",
+        "_holding",
+        "_retry_call",
+        "backend",
+        "body",
+        "body_length",
+        "clock",
+        "ctx",
+        "exchange",
+        "forward",
+        "pipeline",
+        "pool",
+        "request",
+        "retries",
+        "secure",
+        "service",
+        "set_cookie",
+        "target",
+        "tried",
+    )
 
     def __init__(
         self,
+        pool: UpstreamPool,
+        clock: Any,
         request: GatewayRequest,
         service: Service,
-        backend: Backend,
-        set_cookie: Optional[bytes],
+        pipeline: Pipeline,
+        ctx: Optional[RequestContext],
+        target: bytes,
+        forward: List[Tuple[bytes, bytes]],
+        body: Optional[IO[bytes]],
+        body_length: int,
+        secure: bool,
     ) -> None:
+        self.pool = pool
+        self.clock = clock
         self.request = request
         self.service = service
-        self.backend = backend
-        self.set_cookie = set_cookie
+        self.pipeline = pipeline
+        self.ctx = ctx
+        self.target = target
+        self.forward = forward
+        self.body = body
+        self.body_length = body_length
+        self.secure = secure
         self.exchange: Optional[Exchange] = None
+        self.backend: Optional[Backend] = None
+        self.set_cookie: Optional[bytes] = None
+        self.tried: List[Backend] = []
+        self.retries = 0
+        self._attempt = 0
+        self._holding = False
+        self._retry_call: Optional[IDelayedCall] = None
+        self._filter: Optional[BodyFilter] = None
+
+    def start(self, selection: Selection) -> None:
+        """
+        Send one attempt to C{selection}'s backend.
+        """
+        backend = selection.backend
+        self.backend = backend
+        self.set_cookie = selection.set_cookie
+        self.tried.append(backend)
         backend.active_connections += 1
+        self._holding = True
+        self.request.upstream = self
+        body = self.body
+        if body is not None:
+            body.seek(0)
+        self._attempt += 1
+        attempt = self._attempt
+        exchange = self.pool.request(
+            backend,
+            self.request.method,
+            backend.base_path + self.target,
+            self.forward,
+            body,
+            self.body_length,
+            self.service.timeouts,
+            self,
+        )
+        if attempt == self._attempt:
+            self.exchange = exchange
 
     def _release(self) -> None:
-        self.backend.active_connections -= 1
-        self.request.upstream = None
+        if self._holding:
+            self._holding = False
+            self.backend.active_connections -= 1  # type: ignore[union-attr]
 
     def cancel(self) -> None:
         """
-        The client went away: abort the upstream exchange.
+        The client went away: abort the upstream exchange (or the pending retry) now.
         """
         self._release()
+        self.request.upstream = None
+        if self._retry_call is not None and self._retry_call.active():
+            self._retry_call.cancel()
         if self.exchange is not None:
             self.exchange.cancel()
+
+    def _may_retry(self) -> bool:
+        retry = self.pipeline.retry
+        return retry is not None and retry.allows(self.request.method, self.retries)
+
+    def _schedule_retry(self) -> None:
+        self.retries += 1
+        self.exchange = None
+        interval = self.pipeline.retry.interval  # type: ignore[union-attr]
+        self._retry_call = self.clock.callLater(interval, self._retry)
+
+    def _retry(self) -> None:
+        self._retry_call = None
+        headers = self.request.requestHeaders
+        selection = self.service.select(headers, self.secure, exclude=self.tried)
+        if selection is None:
+            selection = self.service.select(headers, self.secure)
+        if selection is None:
+            self.request.upstream = None
+            write_error(self.request, 503, self.service.no_backend_message())
+            return
+        self.start(selection)
 
     def response_started(
         self, code: int, phrase: bytes, headers: List[Tuple[bytes, bytes]], length: Optional[int]
     ) -> None:
         request = self.request
-        self.service.record_response(self.backend, code)
+        self.service.record_response(self.backend, code)  # type: ignore[arg-type]
+        retry = self.pipeline.retry
+        if retry is not None and code in retry.statuses and self._may_retry():
+            # Nothing has reached the client yet: drop this answer and try again.
+            self._release()
+            exchange, self.exchange = self.exchange, None
+            if exchange is not None:
+                exchange.cancel()
+            self._schedule_retry()
+            return
         request.setResponseCode(code, phrase)
         no_body = request.method == b"HEAD" or code in _NO_BODY_STATUSES
         out = Headers()
@@ -120,15 +249,28 @@ class Relay:
             out.setRawHeaders(b"Content-Length", [b"%d" % (length,)])
         if self.set_cookie is not None:
             out.addRawHeader(b"Set-Cookie", self.set_cookie)
+        ctx = self.ctx
+        if ctx is not None:
+            self.pipeline.run_response(ctx, code, out)
+            self._filter = ctx.body_filter
         request.responseHeaders = out
         request.registerProducer(self.exchange, True)
 
     def body_data(self, data: bytes) -> None:
+        if self._filter is not None:
+            data = self._filter.write(data)
+            if not data:
+                return
         self.request.write(data)
 
     def response_done(self) -> None:
         self._release()
         request = self.request
+        request.upstream = None
+        if self._filter is not None:
+            tail = self._filter.finish()
+            if tail:
+                request.write(tail)
         request.unregisterProducer()
         request.finish()
 
@@ -136,6 +278,7 @@ class Relay:
         self._release()
         request = self.request
         if started:
+            request.upstream = None
             # The client must never take a truncated body for a complete one. When the body is
             # framed (chunked or Content-Length) a clean close after the bytes already sent
             # shows the truncation; a close-delimited body can only be flagged by a reset.
@@ -146,9 +289,21 @@ class Relay:
             else:
                 transport.abortConnection()
             return
-        self.service.record_response(self.backend, 502)
-        code, message = upstream_failure(reason.value, self.backend.url)
-        write_error(request, code, message)
+        self.service.record_response(self.backend, 502)  # type: ignore[arg-type]
+        if self._may_retry():
+            self._schedule_retry()
+            return
+        request.upstream = None
+        code, message = upstream_failure(reason.value, self.backend.url)  # type: ignore[union-attr]
+        body = error_body(message)
+        headers = Headers({b"Content-Type": [b"application/json"]})
+        if self.ctx is not None:
+            self.pipeline.run_response(self.ctx, code, headers)
+        headers.setRawHeaders(b"Content-Length", [b"%d" % (len(body),)])
+        request.setResponseCode(code)
+        request.responseHeaders = headers
+        request.write(body)
+        request.finish()
 
 
 class _Discard:
@@ -179,7 +334,8 @@ class _Discard:
 
 class EntrypointResource(Resource):
     """
-    The root resource of one HTTP entrypoint: every request is routed and proxied.
+    The root resource of one HTTP entrypoint: every request is routed, passed through its
+    router's middlewares and proxied.
 
     @param entrypoint: the entrypoint's name, for routers that list entrypoints.
     @param routes: the route table.
@@ -187,10 +343,11 @@ class EntrypointResource(Resource):
     @param pool: the upstream connection pool.
     @param trusted: the peers whose X-Forwarded-* headers are believed.
     @param secure: whether the entrypoint terminates TLS.
+    @param pipelines: the middleware pipeline of each router that has one.
+    @param clock: the clock for retry intervals (needed when a pipeline retries).
     """
 
     isLeaf = True
-    _log = Logger()
 
     def __init__(
         self,
@@ -200,6 +357,8 @@ class EntrypointResource(Resource):
         pool: UpstreamPool,
         trusted: TrustedProxies,
         secure: bool = False,
+        pipelines: Optional[Mapping[str, Pipeline]] = None,
+        clock: Any = None,
     ) -> None:
         Resource.__init__(self)
         self.entrypoint = entrypoint
@@ -208,62 +367,146 @@ class EntrypointResource(Resource):
         self.pool = pool
         self.trusted = trusted
         self.secure = secure
+        self.pipelines: Mapping[str, Pipeline] = pipelines or {}
+        self.clock = clock
         self._scheme = b"https" if secure else b"http"
 
-    def render(self, request: GatewayRequest) -> object:
+    def prepare(self, request: GatewayRequest, method: bytes, uri: bytes) -> Optional[int]:
+        """
+        Route C{request} from its request line and headers, as soon as the headers have
+        arrived; return the router's body limit, if it has one, so that it applies while the
+        body is received.
+        """
         headers = request.requestHeaders
         peer = request.getClientAddress().host
-        forwarded_for = headers.getRawHeaders(b"x-forwarded-for")
         trusted = self.trusted.trusts(peer)
-        client_ip = self.trusted.client_ip(peer, forwarded_for) if trusted else peer
+        client_ip = (
+            self.trusted.client_ip(peer, headers.getRawHeaders(b"x-forwarded-for"))
+            if trusted
+            else peer
+        )
         host = headers.getRawHeaders(b"host")
-        target = _origin_form(request.uri)
+        target = _origin_form(uri)
         query_at = target.find(b"?")
         facts = RequestFacts(
-            method=request.method,
+            method=method,
             host=host[0] if host else None,
             path=target if query_at == -1 else target[:query_at],
             query=b"" if query_at == -1 else target[query_at + 1 :],
             headers=headers,
             client_ip=client_ip,
         )
+        route = self.routes.match(self.entrypoint, facts)
+        request.routing = (facts, route, target, peer, trusted)
+        if route is None:
+            return None
+        pipeline = self.pipelines.get(route.name)
+        return pipeline.body_limit if pipeline is not None else None
+
+    def render(self, request: GatewayRequest) -> object:
+        if request.routing is None:
+            self.prepare(request, request.method, request.uri)
+        facts, route, target, peer, trusted = request.routing
+        headers = request.requestHeaders
         upgrade = headers.getRawHeaders(b"upgrade")
         if upgrade is not None and any(b"websocket" in value.lower() for value in upgrade):
             # Upgrade is hop-by-hop: forwarded without it, a WebSocket handshake would reach the
             # backend as a plain GET. Say plainly that this release does not tunnel it.
             write_error(request, 501, WEBSOCKET_UNSUPPORTED)
             return NOT_DONE_YET
-        route = self.routes.match(self.entrypoint, facts)
         if route is None:
             write_error(request, 404, NO_ROUTE)
             return NOT_DONE_YET
         service = self.services[route.service]
+        pipeline = self.pipelines.get(route.name, EMPTY)
+        body, body_length = _body(request)
+        if not pipeline.middlewares:
+            self._proxy(request, service, pipeline, None, target, body, body_length, peer, trusted)
+            return NOT_DONE_YET
+        ctx = RequestContext(facts, headers, target, route.name, self.secure, body_length)
+        result = pipeline.run_request(ctx)
+        if result is None:
+            self._proxy(request, service, pipeline, ctx, target, body, body_length, peer, trusted)
+        elif isinstance(result, Reply):
+            write_reply(request, result)
+        else:
+            result.addCallback(
+                self._request_phase_done,
+                request,
+                service,
+                pipeline,
+                ctx,
+                body,
+                body_length,
+                peer,
+                trusted,
+            ).addErrback(self._request_phase_failed, request)
+        return NOT_DONE_YET
+
+    def _request_phase_done(
+        self,
+        reply: Optional[Reply],
+        request: GatewayRequest,
+        service: Service,
+        pipeline: Pipeline,
+        ctx: RequestContext,
+        body: Optional[IO[bytes]],
+        body_length: int,
+        peer: str,
+        trusted: bool,
+    ) -> None:
+        if request._disconnected:
+            return
+        if reply is not None:
+            write_reply(request, reply)
+        else:
+            self._proxy(
+                request, service, pipeline, ctx, ctx.target, body, body_length, peer, trusted
+            )
+
+    def _request_phase_failed(self, failure: Failure, request: GatewayRequest) -> None:
+        _log.failure("Middleware failed on {uri}", failure, uri=request.uri)
+        if not request._disconnected and not request.finished:
+            write_error(request, 500, INTERNAL_ERROR)
+
+    def _proxy(
+        self,
+        request: GatewayRequest,
+        service: Service,
+        pipeline: Pipeline,
+        ctx: Optional[RequestContext],
+        target: bytes,
+        body: Optional[IO[bytes]],
+        body_length: int,
+        peer: str,
+        trusted: bool,
+    ) -> None:
+        headers = request.requestHeaders
         selection = service.select(headers, self.secure)
         if selection is None:
             write_error(request, 503, service.no_backend_message())
-            return NOT_DONE_YET
-
+            return
+        client_ip = request.routing[0].client_ip
         forward = forward_request_headers(
             headers.getAllRawHeaders(), peer, client_ip, trusted, self._scheme
         )
-        body, body_length = _body(request)
+        if ctx is not None:
+            target = ctx.target
         if service.mirror is not None:
             self._mirror(service.mirror, request.method, target, forward, body, body_length)
-
-        backend = selection.backend
-        relay = Relay(request, service, backend, selection.set_cookie)
-        request.upstream = relay
-        relay.exchange = self.pool.request(
-            backend,
-            request.method,
-            backend.base_path + target,
+        Relay(
+            self.pool,
+            self.clock,
+            request,
+            service,
+            pipeline,
+            ctx,
+            target,
             forward,
             body,
             body_length,
-            service.timeouts,
-            relay,
-        )
-        return NOT_DONE_YET
+            self.secure,
+        ).start(selection)
 
     def _mirror(
         self,

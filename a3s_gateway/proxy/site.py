@@ -11,7 +11,7 @@ twisted.web buffers a request body before any resource runs and has no limit of 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Optional, Set, cast
+from typing import Any, Callable, Optional, Set, cast
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime, ITCPTransport
@@ -21,10 +21,13 @@ from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import IResource
 
-from a3s_gateway.proxy.errors import BODY_TOO_LARGE, error_body, raw_error_response
+from a3s_gateway.proxy.errors import (
+    BODY_TOO_LARGE,
+    INTERNAL_ERROR,
+    error_body,
+    raw_error_response,
+)
 from a3s_gateway.proxy.headers import connection_tokens
-
-INTERNAL_ERROR = "Internal server error"
 
 
 class GatewayRequest(server.Request):
@@ -37,7 +40,10 @@ class GatewayRequest(server.Request):
     _log = Logger()
     # The upstream exchange serving this request (an IPushProducer with cancel()), if any.
     upstream: Any = None
+    # (facts, route, target, peer, trusted) once routed by the site's prepare hook.
+    routing: Any = None
     _body_seen = 0
+    _body_limit = 0
     _rejected = False
     # No Content-Type is invented for upstream responses that have none.
     defaultContentType = None
@@ -45,7 +51,17 @@ class GatewayRequest(server.Request):
     channel: GatewayChannel
 
     def gotLength(self, length: Optional[int]) -> None:
-        limit = self.channel.site.max_request_body_bytes
+        site = self.channel.site
+        limit = site.max_request_body_bytes
+        if site.prepare is not None:
+            # twisted.web sets method and uri on the request only after the body; the channel
+            # holds the request line until then. Routing now lets a router's body-limit apply
+            # while the body arrives.
+            channel = self.channel
+            router_limit = site.prepare(self, channel._command, channel._path)
+            if router_limit is not None and router_limit < limit:
+                limit = router_limit
+        self._body_limit = limit
         if length is not None and length > limit:
             self._reject_body(limit)
             return
@@ -55,7 +71,7 @@ class GatewayRequest(server.Request):
         if self._rejected:
             return
         self._body_seen += len(data)
-        limit = self.channel.site.max_request_body_bytes
+        limit = self._body_limit
         if self._body_seen > limit:
             self._reject_body(limit)
             return
@@ -171,6 +187,8 @@ class GatewaySite(server.Site):
     The site of one HTTP entrypoint.
 
     @ivar max_request_body_bytes: the entrypoint's body limit.
+    @ivar prepare: called with each request, its method and its target as soon as its headers
+        have arrived (routing); returns a smaller body limit for it, or None.
     @ivar channels: the open connections, for draining on shutdown.
     """
 
@@ -186,9 +204,11 @@ class GatewaySite(server.Site):
         clock: IReactorTime,
         max_request_body_bytes: int,
         timeout: float = 60.0,
+        prepare: Optional[Callable[[GatewayRequest, bytes, bytes], Optional[int]]] = None,
     ) -> None:
         server.Site.__init__(self, resource, timeout=timeout, reactor=clock, **_site_kwargs())
         self.max_request_body_bytes = max_request_body_bytes
+        self.prepare = prepare
         self.channels: Set[GatewayChannel] = set()
         self._drained: Optional[defer.Deferred[None]] = None
 
