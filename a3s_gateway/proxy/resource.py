@@ -165,6 +165,7 @@ class Relay:
         """
         backend = selection.backend
         self.backend = backend
+        self.request.backend_url = backend.url
         self.set_cookie = selection.set_cookie
         self.tried.append(backend)
         backend.active_connections += 1
@@ -230,6 +231,7 @@ class Relay:
         self, code: int, phrase: bytes, headers: List[Tuple[bytes, bytes]], length: Optional[int]
     ) -> None:
         request = self.request
+        request.ttfb = self.clock.seconds() - request.started
         self.service.record_response(self.backend, code)  # type: ignore[arg-type]
         retry = self.pipeline.retry
         if retry is not None and code in retry.statuses and self._may_retry():

@@ -11,7 +11,7 @@ twisted.web buffers a request body before any resource runs and has no limit of 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Optional, Set, cast
+from typing import Any, Callable, List, Optional, Sequence, Set, cast
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime, ITCPTransport
@@ -42,6 +42,14 @@ class GatewayRequest(server.Request):
     upstream: Any = None
     # (facts, route, target, peer, trusted) once routed by the site's prepare hook.
     routing: Any = None
+    # What observers (metrics, access log, tracing) read once the request is over; set along
+    # the proxy path.
+    started = 0.0
+    backend_url: Optional[str] = None
+    ttfb: Optional[float] = None
+    trace: Any = None
+    _reported = False
+    _observers: Sequence[Callable[[GatewayRequest], None]] = ()
     _body_seen = 0
     _body_limit = 0
     _rejected = False
@@ -52,6 +60,9 @@ class GatewayRequest(server.Request):
 
     def gotLength(self, length: Optional[int]) -> None:
         site = self.channel.site
+        self.started = site.clock.seconds()
+        # Kept here: twisted.web drops the request's channel once it is finished.
+        self._observers = site.observers
         limit = site.max_request_body_bytes
         if site.prepare is not None:
             # twisted.web sets method and uri on the request only after the body; the channel
@@ -90,12 +101,24 @@ class GatewayRequest(server.Request):
             return
         server.Request.process(self)
 
+    def finish(self) -> None:
+        server.Request.finish(self)
+        self._report()
+
     def connectionLost(self, reason: Failure) -> None:
         server.Request.connectionLost(self, reason)
         upstream = self.upstream
         if upstream is not None:
             self.upstream = None
             upstream.cancel()
+        self._report()
+
+    def _report(self) -> None:
+        if self._reported or self._rejected:
+            return
+        self._reported = True
+        for observer in self._observers:
+            observer(self)
 
     def processingFailed(self, reason: Failure) -> Failure:
         """
@@ -189,6 +212,8 @@ class GatewaySite(server.Site):
     @ivar max_request_body_bytes: the entrypoint's body limit.
     @ivar prepare: called with each request, its method and its target as soon as its headers
         have arrived (routing); returns a smaller body limit for it, or None.
+    @ivar observers: called once with each request when it has finished or its connection was
+        lost (metrics, access log, tracing).
     @ivar channels: the open connections, for draining on shutdown.
     """
 
@@ -207,8 +232,10 @@ class GatewaySite(server.Site):
         prepare: Optional[Callable[[GatewayRequest, bytes, bytes], Optional[int]]] = None,
     ) -> None:
         server.Site.__init__(self, resource, timeout=timeout, reactor=clock, **_site_kwargs())
+        self.clock = clock
         self.max_request_body_bytes = max_request_body_bytes
         self.prepare = prepare
+        self.observers: List[Callable[[GatewayRequest], None]] = []
         self.channels: Set[GatewayChannel] = set()
         self._drained: Optional[defer.Deferred[None]] = None
 
