@@ -26,6 +26,8 @@ STOCK_PORT=9302
 HELLO_PORT=9303
 NGINX_PROXY_PORT=9304
 HAPROXY_PORT=9305
+CHAIN_PORT=9306   # must match bench/bench-middleware.hcl
+OBSERVED_PORT=9307 # must match bench/bench-observability.hcl (admin entrypoint on 9308)
 
 die() { echo "bench/run.sh: $*" >&2; exit 1; }
 
@@ -59,7 +61,8 @@ accepts() { # port: true when something accepts a TCP connection on 127.0.0.1:po
   (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
 }
 
-for port in $GATEWAY_PORT $BACKEND_PORT $STOCK_PORT $HELLO_PORT $NGINX_PROXY_PORT $HAPROXY_PORT; do
+for port in $GATEWAY_PORT $BACKEND_PORT $STOCK_PORT $HELLO_PORT $NGINX_PROXY_PORT $HAPROXY_PORT \
+  $CHAIN_PORT $OBSERVED_PORT 9308; do
   accepts "$port" && die "127.0.0.1:$port is already in use; stop whatever listens there first"
 done
 
@@ -127,7 +130,8 @@ echo "machine:     $(uname -sr), $(getconf _NPROCESSORS_ONLN 2>/dev/null || echo
 echo
 
 # --- start everything -----------------------------------------------------------------------
-backend_ok=0 nginx_proxy_ok=0 haproxy_ok=0 stock_ok=0 gateway_ok=0 hello_ok=0
+backend_ok=0 nginx_proxy_ok=0 haproxy_ok=0 stock_ok=0 gateway_ok=0 hello_ok=0 chain_ok=0
+observed_ok=0
 if [ "$have_nginx" = 1 ]; then
   backend_label="backend direct (nginx)"
   conf=$(nginx_conf backend "listen 127.0.0.1:$BACKEND_PORT;
@@ -164,6 +168,9 @@ fi
 start stock-proxy $STOCK_PORT "$PY" bench/stock_proxy.py $STOCK_PORT $BACKEND_PORT && stock_ok=1
 start gateway $GATEWAY_PORT "$PY" -m a3s_gateway.cli --config bench/bench.hcl && gateway_ok=1
 start hello $HELLO_PORT "$PY" bench/hello.py $HELLO_PORT && hello_ok=1
+start chain $CHAIN_PORT "$PY" -m a3s_gateway.cli --config bench/bench-middleware.hcl && chain_ok=1
+BENCH_ACCESS_LOG="$run_dir/access.log" start observed $OBSERVED_PORT \
+  "$PY" -m a3s_gateway.cli --config bench/bench-observability.hcl && observed_ok=1
 [ "$backend_ok" = 1 ] || die "the backend did not start; nothing to measure"
 
 # --- measure --------------------------------------------------------------------------------
@@ -191,11 +198,13 @@ parse_wrk() {
   '
 }
 
-status_of() { # port -> HTTP status of GET / (or the error), checked once before measuring
-  "$PY" - "$1" <<'EOF' 2>&1 | tail -n 1
+status_of() { # port [header] -> HTTP status of GET / (or the error), checked once before measuring
+  "$PY" - "$1" "${2:-}" <<'EOF' 2>&1 | tail -n 1
 import sys, urllib.error, urllib.request
+headers = dict([sys.argv[2].split(": ", 1)]) if sys.argv[2] else {}
 try:
-    print(urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/", timeout=5).status)
+    request = urllib.request.Request(f"http://127.0.0.1:{sys.argv[1]}/", headers=headers)
+    print(urllib.request.urlopen(request, timeout=5).status)
 except urllib.error.HTTPError as e:
     print(e.code)
 except Exception as e:
@@ -206,17 +215,19 @@ EOF
 printf '%-34s %11s %10s %10s  %s\n' "row" "req/s" "p50 ms" "p99 ms" "notes"
 printf '%-34s %11s %10s %10s  %s\n' "---" "-----" "------" "------" "-----"
 declare -A rps_of=()
-measure() { # key label port ok
-  local key=$1 label=$2 port=$3 ok=$4 status out rps p50 p99 notes
+measure() { # key label port ok [header]
+  local key=$1 label=$2 port=$3 ok=$4 header=${5:-} status out rps p50 p99 notes
+  local extra=()
+  [ -n "$header" ] && extra=(-H "$header")
   if [ "$ok" != 1 ]; then
     printf '%-34s %11s %10s %10s  %s\n' "$label" "-" "-" "-" "did not start"
     return
   fi
-  status=$(status_of "$port")
+  status=$(status_of "$port" "$header")
   if [ "$WARMUP" != 0 ]; then
-    wrk -t1 -c"$conns" -d"${WARMUP}s" "http://127.0.0.1:$port/" >/dev/null 2>&1
+    wrk -t1 -c"$conns" -d"${WARMUP}s" "${extra[@]}" "http://127.0.0.1:$port/" >/dev/null 2>&1
   fi
-  out=$(wrk -t1 -c"$conns" -d"${secs}s" --latency "http://127.0.0.1:$port/" 2>&1)
+  out=$(wrk -t1 -c"$conns" -d"${secs}s" --latency "${extra[@]}" "http://127.0.0.1:$port/" 2>&1)
   IFS='|' read -r rps p50 p99 notes <<<"$(printf '%s\n' "$out" | parse_wrk)"
   [ "$status" = 200 ] || notes="GET / answered $status; $notes"
   if [ -z "$rps" ]; then
@@ -239,6 +250,8 @@ fi
 measure stock "twisted stock ReverseProxyResource" $STOCK_PORT $stock_ok
 measure gateway "a3s-gateway" $GATEWAY_PORT $gateway_ok
 measure hello "twisted.web hello-world" $HELLO_PORT $hello_ok
+measure chain "a3s-gateway + api-key,rate,headers" $CHAIN_PORT $chain_ok "X-API-Key: bench-key"
+measure observed "a3s-gateway + metrics,access log" $OBSERVED_PORT $observed_ok
 
 ratio() { # numerator-key denominator-key
   local a=${rps_of[$1]:-} b=${rps_of[$2]:-}
@@ -251,3 +264,5 @@ ratio() { # numerator-key denominator-key
 echo
 echo "gateway / stock proxy: $(ratio gateway stock)"
 echo "gateway / hello-world: $(ratio gateway hello)"
+echo "middleware chain / gateway: $(ratio chain gateway)"
+echo "observability on / gateway: $(ratio observed gateway)"

@@ -84,7 +84,8 @@ def write_reply(request: GatewayRequest, reply: Reply) -> None:
     headers = Headers()
     for name, value in reply.headers:
         headers.addRawHeader(name, value)
-    headers.setRawHeaders(b"Content-Length", [b"%d" % (len(reply.body),)])
+    if reply.status not in _NO_BODY_STATUSES:
+        headers.setRawHeaders(b"Content-Length", [b"%d" % (len(reply.body),)])
     request.responseHeaders = headers
     request.write(reply.body)
     request.finish()
@@ -299,8 +300,11 @@ class Relay:
         code, message = upstream_failure(reason.value, self.backend.url)  # type: ignore[union-attr]
         body = error_body(message)
         headers = Headers({b"Content-Type": [b"application/json"]})
-        if self.ctx is not None:
-            self.pipeline.run_response(self.ctx, code, headers)
+        ctx = self.ctx
+        if ctx is not None:
+            self.pipeline.run_response(ctx, code, headers)
+            if ctx.body_filter is not None:
+                body = ctx.body_filter.write(body) + ctx.body_filter.finish()
         headers.setRawHeaders(b"Content-Length", [b"%d" % (len(body),)])
         request.setResponseCode(code)
         request.responseHeaders = headers
