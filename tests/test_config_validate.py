@@ -1167,3 +1167,33 @@ class FormatFloatTests(SynchronousTestCase):
         )
         for value, text in cases:
             self.assertEqual(format_float(value), text)
+
+
+class MiddlewareSecretTests(SynchronousTestCase):
+    def _middleware(self, body: str) -> str:
+        return (
+            'entrypoints "web" {\n  address = "127.0.0.1:8080"\n}\n'
+            'middlewares "m" {\n' + body + "\n}\n"
+        )
+
+    def test_malformed_bcrypt_password(self) -> None:
+        """
+        A basic-auth password that looks like a bcrypt hash but is not one fails validation
+        instead of failing the router at start.
+        """
+        text = self._middleware(
+            '  type = "basic-auth"\n  username = "u"\n  password = "$2b$12$short"'
+        )
+        e = self.assertRaises(ConfigValidationError, parse_config, text, "g.hcl")
+        self.assertIn("middlewares.m.password", str(e))
+        self.assertIn("not a valid bcrypt hash", str(e))
+
+    def test_asymmetric_key_as_hmac_secret(self) -> None:
+        """
+        A PEM public key given as a JWT HMAC ``value`` is refused by validation.
+        """
+        pem = "-----BEGIN PUBLIC KEY-----\\nAAAA\\n-----END PUBLIC KEY-----"
+        text = self._middleware(f'  type = "jwt"\n  value = "{pem}"')
+        e = self.assertRaises(ConfigValidationError, parse_config, text, "g.hcl")
+        self.assertIn("middlewares.m.value", str(e))
+        self.assertIn("unusable HMAC secret", str(e))

@@ -23,6 +23,8 @@ from urllib.parse import urlsplit
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from jwt.algorithms import HMACAlgorithm
+from jwt.exceptions import InvalidKeyError
 from OpenSSL import SSL, crypto
 
 from a3s_gateway.config.errors import ConfigValidationError
@@ -585,6 +587,15 @@ class _Validator:
         for key in ("username", "password"):
             if key not in middleware.options:
                 self.fail(f"{path}.{key}", f"basic-auth middleware requires '{key}'")
+        password = middleware.options["password"]
+        if isinstance(password, str):
+            # Imported here: the middleware package imports this config package.
+            from a3s_gateway.middleware.basic_auth import parse_password
+
+            try:
+                parse_password(password)
+            except ValueError as e:
+                self.fail(f"{path}.password", str(e))
         realm = middleware.options.get("realm")
         if isinstance(realm, str) and any(ch == '"' or ord(ch) < 0x20 for ch in realm):
             self.fail(
@@ -617,6 +628,10 @@ class _Validator:
                 self.fail(f"{path}.value", "JWT middleware requires 'value' field as HMAC secret")
             if options["value"] == "":
                 self.fail(f"{path}.value", "JWT secret cannot be empty")
+            try:
+                HMACAlgorithm(HMACAlgorithm.SHA256).prepare_key(str(options["value"]))
+            except InvalidKeyError as e:
+                self.fail(f"{path}.value", f"JWT middleware: unusable HMAC secret: {e}")
         else:
             key_file = options.get("public_key_file")
             jwks_url = options.get("jwks_url")

@@ -1,0 +1,80 @@
+# -*- test-case-name: tests.test_api_key -*-
+"""
+The ``api-key`` middleware (spec 1.12.1): a request passes only when one header carries one of
+the configured keys.
+
+Options: ``keys`` (required, non-empty strings; the validator guarantees both) and ``header``
+(default ``X-API-Key``; the name is matched case-insensitively, as every HTTP header name).
+The header's first value must be visible ASCII (as the reference's ``to_str``) and equal one
+key exactly, byte for byte and case-sensitively. Anything else answers
+``401 {"error":"Invalid or missing API key"}`` with ``Content-Type: application/json``.
+
+The comparison does not leak which key matched nor how much of one: the SHA-256 digest of the
+presented value is compared with L{hmac.compare_digest} against the digest of every key, with
+no early exit, so the time taken depends on neither the keys' contents nor their lengths. The
+key header itself is forwarded upstream unchanged, as in the reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import Sequence, Tuple, cast
+
+from a3s_gateway.config.schema import MiddlewareConfig
+from a3s_gateway.middleware.base import (
+    BuildContext,
+    Middleware,
+    RequestContext,
+    RequestResult,
+    json_reply,
+)
+
+DEFAULT_HEADER = "X-API-Key"
+
+_REJECTED = json_reply(401, "Invalid or missing API key")
+
+
+def visible_ascii(value: bytes) -> bool:
+    """
+    Whether C{value} holds only visible ASCII, space and tab: what the reference's
+    ``HeaderValue::to_str`` accepts.
+    """
+    return all(byte == 0x09 or 0x20 <= byte < 0x7F for byte in value)
+
+
+class ApiKey(Middleware):
+    """
+    Lets a request through when its key header holds one of the configured keys.
+
+    @ivar header: the header's name, as bytes.
+    """
+
+    def __init__(self, name: str, header: bytes, keys: Sequence[bytes]) -> None:
+        super().__init__(name)
+        self.header = header
+        self._digests: Tuple[bytes, ...] = tuple(hashlib.sha256(key).digest() for key in keys)
+
+    def on_request(self, ctx: RequestContext) -> RequestResult:
+        """
+        Answer 401 unless the key header's first value is one of the keys.
+        """
+        values = ctx.headers.getRawHeaders(self.header)
+        if not values or not visible_ascii(values[0]):
+            return _REJECTED
+        presented = hashlib.sha256(values[0]).digest()
+        matched = False
+        # Every key is compared, whatever the earlier results: no early exit.
+        for digest in self._digests:
+            matched |= hmac.compare_digest(presented, digest)
+        return None if matched else _REJECTED
+
+
+def build(config: MiddlewareConfig, ctx: BuildContext) -> Middleware:
+    """
+    An L{ApiKey} from the ``keys`` and ``header`` options.
+    """
+    options = config.options
+    header = cast(str, options.get("header", DEFAULT_HEADER))
+    keys = [key.encode("utf-8") for key in cast(Sequence[str], options.get("keys", ()))]
+    return ApiKey(config.name, header.encode("ascii"), keys)
