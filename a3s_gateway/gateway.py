@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from twisted.application.service import MultiService
 from twisted.internet import defer
@@ -24,7 +24,12 @@ from twisted.web.iweb import IAgent
 
 from a3s_gateway.config import parse_address
 from a3s_gateway.config.schema import EntrypointConfig, GatewayConfig, TlsConfig
-from a3s_gateway.middleware.pipeline import build_pipelines
+from a3s_gateway.middleware.base import BuildContext
+from a3s_gateway.middleware.pipeline import EMPTY, Pipeline, build_middleware, build_pipelines
+from a3s_gateway.observability.access_log import AccessLog, AccessLogError
+from a3s_gateway.observability.admin import AdminResource
+from a3s_gateway.observability.metrics import GatewayMetrics
+from a3s_gateway.observability.tracing import Tracer
 from a3s_gateway.proxy.headers import TrustedProxies, parse_networks
 from a3s_gateway.proxy.resource import EntrypointResource
 from a3s_gateway.proxy.site import GatewaySite
@@ -110,6 +115,71 @@ def server_endpoint(reactor: Any, entrypoint: EntrypointConfig) -> IStreamServer
     return TCP4ServerEndpoint(reactor, port, backlog=1024, interface=interface)
 
 
+class _Observability:
+    """
+    What the gateway shows operators, as configured: metrics and the admin API with the
+    dashboard (with a ``dashboard { }`` block), the access log (``access_log { }``) and tracing
+    (``tracing { }``). Each part that is not configured costs nothing per request.
+
+    @ivar metrics: the counters behind ``/metrics``, when the dashboard is served.
+    @ivar admin: the admin API and dashboard resource, when configured.
+    @ivar admin_pipeline: the dashboard's middlewares.
+    @ivar access_log: the access-log service, when configured.
+    @ivar tracer: the trace propagator and exporter, when configured.
+    """
+
+    def __init__(self, gateway: Gateway, config: GatewayConfig, reactor: Any, agent: IAgent):
+        self.metrics: Optional[GatewayMetrics] = None
+        self.admin: Optional[AdminResource] = None
+        self.admin_pipeline = EMPTY
+        self._dashboard_entrypoint: Optional[str] = None
+        if config.dashboard is not None:
+            metrics = self.metrics = GatewayMetrics(gateway, reactor)
+            self.admin = AdminResource(
+                gateway,
+                lambda: (metrics.exposition(), metrics.content_type.encode("ascii")),
+                reactor,
+                total_requests=lambda: metrics.requests,
+            )
+            self.admin.stats.setServiceParent(gateway)
+            self._dashboard_entrypoint = config.dashboard.entrypoint
+            build = BuildContext(reactor=reactor, agent=agent, router="dashboard")
+            self.admin_pipeline = Pipeline(
+                [
+                    build_middleware(config.middlewares[m], build)
+                    for m in config.dashboard.middlewares
+                ]
+            )
+        self.access_log: Optional[AccessLog] = None
+        if config.access_log is not None:
+            self.access_log = AccessLog(config.access_log.path, reactor)
+            self.access_log.setServiceParent(gateway)
+        self.tracer: Optional[Tracer] = None
+        if config.tracing is not None:
+            self.tracer = Tracer(config.tracing, reactor, reactor)
+
+    def admin_for(self, entrypoint: str) -> Optional[AdminResource]:
+        """
+        The admin resource if C{entrypoint} is the dashboard's.
+        """
+        return self.admin if entrypoint == self._dashboard_entrypoint else None
+
+    def observers_for(self, entrypoint: str) -> List[Callable[[Any], None]]:
+        """
+        The finished-request observers of C{entrypoint}'s site.
+        """
+        observers: List[Callable[[Any], None]] = []
+        if self.metrics is not None:
+            observers.append(self.metrics.request_finished)
+        if self.admin is not None:
+            observers.append(self.admin.stats.request_finished)
+        if self.access_log is not None:
+            observers.append(self.access_log.observer(entrypoint))
+        if self.tracer is not None:
+            observers.append(self.tracer.request_finished)
+        return observers
+
+
 class Gateway(MultiService):
     """
     The whole gateway for one configuration.
@@ -137,6 +207,7 @@ class Gateway(MultiService):
             checker.setServiceParent(self)
         self.pool = UpstreamPool(reactor)
         self.pipelines = build_pipelines(config, reactor, agent)
+        self.observability = _Observability(self, config, reactor, agent)
         self.sites: Dict[str, GatewaySite] = {}
         self.tcp: Dict[str, TcpEntrypointFactory] = {}
         self.udp: Dict[str, UdpEntrypoint] = {}
@@ -159,16 +230,27 @@ class Gateway(MultiService):
                     secure=entrypoint.tls is not None,
                     pipelines=self.pipelines,
                     clock=reactor,
+                    tracer=self.observability.tracer,
+                    admin=self.observability.admin_for(name),
+                    admin_pipeline=self.observability.admin_pipeline,
                 )
-                self.sites[name] = GatewaySite(
+                site = GatewaySite(
                     resource, reactor, entrypoint.max_request_body_bytes, prepare=resource.prepare
                 )
+                site.observers.extend(self.observability.observers_for(name))
+                self.sites[name] = site
 
     def privilegedStartService(self) -> None:
         """
         Bind every entrypoint before privileges are dropped. A bind failure closes what was
         already bound and raises L{GatewayStartError}: nothing starts.
         """
+        access_log = self.observability.access_log
+        if access_log is not None:
+            try:
+                access_log.open()
+            except AccessLogError as e:
+                raise GatewayStartError(str(e)) from e
         self._bind()
         MultiService.privilegedStartService(self)
 
@@ -226,7 +308,12 @@ class Gateway(MultiService):
         if deadline.active():
             deadline.cancel()
         yield MultiService.stopService(self)
-        yield defer.gatherResults([pipeline.stop() for pipeline in self.pipelines.values()])
+        yield defer.gatherResults(
+            [pipeline.stop() for pipeline in self.pipelines.values()]
+            + [self.observability.admin_pipeline.stop()]
+        )
+        if self.observability.tracer is not None:
+            yield self.observability.tracer.stop()
         yield self.pool.close_idle()
         if self._probe_pool is not None:
             yield self._probe_pool.closeCachedConnections()

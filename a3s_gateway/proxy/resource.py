@@ -23,6 +23,8 @@ from twisted.web.server import NOT_DONE_YET
 from a3s_gateway.config.schema import TimeoutsConfig
 from a3s_gateway.middleware.base import BodyFilter, Reply, RequestContext
 from a3s_gateway.middleware.pipeline import EMPTY, Pipeline
+from a3s_gateway.observability.admin import AdminResource
+from a3s_gateway.observability.tracing import Tracer
 from a3s_gateway.proxy.errors import (
     INTERNAL_ERROR,
     NO_ROUTE,
@@ -351,6 +353,9 @@ class EntrypointResource(Resource):
     @param secure: whether the entrypoint terminates TLS.
     @param pipelines: the middleware pipeline of each router that has one.
     @param clock: the clock for retry intervals (needed when a pipeline retries).
+    @param tracer: propagates (and exports) traces, when tracing is configured.
+    @param admin: the admin API and dashboard, on the dashboard's entrypoint only.
+    @param admin_pipeline: the dashboard's middlewares, guarding every admin path but C{/ping}.
     """
 
     isLeaf = True
@@ -365,6 +370,9 @@ class EntrypointResource(Resource):
         secure: bool = False,
         pipelines: Optional[Mapping[str, Pipeline]] = None,
         clock: Any = None,
+        tracer: Optional[Tracer] = None,
+        admin: Optional[AdminResource] = None,
+        admin_pipeline: Pipeline = EMPTY,
     ) -> None:
         Resource.__init__(self)
         self.entrypoint = entrypoint
@@ -375,6 +383,9 @@ class EntrypointResource(Resource):
         self.secure = secure
         self.pipelines: Mapping[str, Pipeline] = pipelines or {}
         self.clock = clock
+        self.tracer = tracer
+        self.admin = admin
+        self.admin_pipeline = admin_pipeline
         self._scheme = b"https" if secure else b"http"
 
     def prepare(self, request: GatewayRequest, method: bytes, uri: bytes) -> Optional[int]:
@@ -420,6 +431,12 @@ class EntrypointResource(Resource):
             # backend as a plain GET. Say plainly that this release does not tunnel it.
             write_error(request, 501, WEBSOCKET_UNSUPPORTED)
             return NOT_DONE_YET
+        admin = self.admin
+        if admin is not None and admin.handles(facts.path):
+            self._admin(request, admin, facts, target)
+            return NOT_DONE_YET
+        if self.tracer is not None:
+            request.trace = self.tracer.begin(headers)
         if route is None:
             write_error(request, 404, NO_ROUTE)
             return NOT_DONE_YET
@@ -448,6 +465,38 @@ class EntrypointResource(Resource):
                 trusted,
             ).addErrback(self._request_phase_failed, request)
         return NOT_DONE_YET
+
+    def _admin(
+        self, request: GatewayRequest, admin: AdminResource, facts: RequestFacts, target: bytes
+    ) -> None:
+        """
+        Answer an admin path, behind the dashboard's middlewares (liveness probes carry no
+        credentials, so C{/ping} is never guarded).
+        """
+        pipeline = self.admin_pipeline
+        if not pipeline.middlewares or facts.path == b"/ping":
+            request.render(admin)
+            return
+        ctx = RequestContext(facts, request.requestHeaders, target, "dashboard", self.secure)
+        result = pipeline.run_request(ctx)
+        if isinstance(result, Reply):
+            write_reply(request, result)
+        elif result is None:
+            request.render(admin)
+        else:
+            result.addCallback(self._admin_phase_done, request, admin).addErrback(
+                self._request_phase_failed, request
+            )
+
+    def _admin_phase_done(
+        self, reply: Optional[Reply], request: GatewayRequest, admin: AdminResource
+    ) -> None:
+        if request._disconnected:
+            return
+        if reply is not None:
+            write_reply(request, reply)
+        else:
+            request.render(admin)
 
     def _request_phase_done(
         self,
@@ -499,7 +548,10 @@ class EntrypointResource(Resource):
         if ctx is not None:
             target = ctx.target
         if service.mirror is not None:
-            self._mirror(service.mirror, request.method, target, forward, body, body_length)
+            # The copy goes without the trace headers, as in the reference.
+            self._mirror(service.mirror, request.method, target, list(forward), body, body_length)
+        if request.trace is not None:
+            self.tracer.inject(request.trace, forward)  # type: ignore[union-attr]
         Relay(
             self.pool,
             self.clock,

@@ -1083,6 +1083,14 @@ class UpstreamPool:
             self._connect(exchange, now)
         return exchange
 
+    def idle_connections(self) -> Dict[Tuple[str, str, int], int]:
+        """
+        How many idle connections the pool holds per ``(scheme, host, port)`` key (the
+        ``scheme``, ``host`` and ``port`` of the backends they reach); keys with none are left
+        out. For the metrics.
+        """
+        return {key: len(conns) for key, conns in self._idle.items() if conns}
+
     def close_idle(self) -> Deferred[None]:
         """Close every idle connection; the Deferred fires once they are all closed."""
         waiting: List[Deferred[None]] = []

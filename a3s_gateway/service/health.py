@@ -8,7 +8,7 @@ it probes all the service's HTTP(S) backends at once and sets L{Backend.active_h
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Set, cast
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, cast
 
 import attr
 from treq.client import HTTPClient
@@ -89,6 +89,8 @@ class HealthChecker(Service):
         self._clock = clock
         self._agent = agent
         self._streaks: Dict[Backend, _Streak] = {b: _Streak() for b in self.backends}
+        # Every counted probe outcome per backend, [successes, failures], for the metrics.
+        self._results: Dict[Backend, List[int]] = {b: [0, 0] for b in self.backends}
         self._loop: Optional[LoopingCall] = None
         self._in_flight: Set[Deferred[None]] = set()
 
@@ -108,6 +110,13 @@ class HealthChecker(Service):
         for probe in list(self._in_flight):
             probe.cancel()
         return None
+
+    def probe_counts(self) -> Dict[Backend, Tuple[int, int]]:
+        """
+        The probe outcomes counted so far for each probed backend, as C{(successes, failures)};
+        probes cancelled by a stop are not counted.
+        """
+        return {backend: (ok, failed) for backend, (ok, failed) in self._results.items()}
 
     def _loop_failed(self, failure: Failure) -> None:
         log.failure(
@@ -163,6 +172,7 @@ class HealthChecker(Service):
         if not self.running:
             return
         streak = self._streaks[backend]
+        self._results[backend][0 if success else 1] += 1
         if success:
             streak.successes += 1
             streak.failures = 0
