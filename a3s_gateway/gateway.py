@@ -23,7 +23,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IAgent
 
 from a3s_gateway.config import parse_address
-from a3s_gateway.config.schema import EntrypointConfig, GatewayConfig, TlsConfig
+from a3s_gateway.config.schema import EntrypointConfig, GatewayConfig, TlsConfig, TracingConfig
 from a3s_gateway.middleware.base import BuildContext
 from a3s_gateway.middleware.pipeline import EMPTY, Pipeline, build_middleware, build_pipelines
 from a3s_gateway.observability.access_log import AccessLog, AccessLogError
@@ -154,9 +154,9 @@ class _Observability:
         if config.access_log is not None:
             self.access_log = AccessLog(config.access_log.path, reactor)
             self.access_log.setServiceParent(gateway)
-        self.tracer: Optional[Tracer] = None
-        if config.tracing is not None:
-            self.tracer = Tracer(config.tracing, reactor, reactor)
+        # Like the reference, every proxied request carries a traceparent upstream, with or
+        # without a tracing block; the block adds B3, sampling and export.
+        self.tracer: Optional[Tracer] = Tracer(config.tracing or TracingConfig(), reactor, reactor)
 
     def admin_for(self, entrypoint: str) -> Optional[AdminResource]:
         """

@@ -25,7 +25,6 @@ from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from a3s_gateway.observability.admin import AdminResource
 from a3s_gateway.testing import EchoResource, FailingResource
 from tests.support import backend, client, port_of, start_gateway
 
@@ -77,28 +76,6 @@ class _Jittery(Resource):
         request.finish()
 
 
-class _Gate(Resource):
-    """Serves the admin resource while open; answers 503 to everything once closed."""
-
-    isLeaf = True
-
-    def __init__(self, admin: AdminResource) -> None:
-        Resource.__init__(self)
-        self.admin = admin
-        self.open = True
-
-    def close(self) -> None:
-        """Make every request fail from now on."""
-        self.open = False
-
-    def render(self, request: Request) -> bytes:
-        if self.open:
-            return self.admin.render(request)
-        request.setResponseCode(503)
-        request.setHeader(b"content-type", b"application/json")
-        return b'{"error":"closed"}'
-
-
 class _Traffic:
     """
     Sends requests through the gateway from the reactor: a few per 100 ms tick, at a rate that
@@ -140,15 +117,16 @@ class _Traffic:
         return result
 
 
-def _exposition() -> tuple[bytes, bytes]:
-    """A stand-in Prometheus exposition (the page does not read it)."""
-    return b"gateway_requests_total 0\n", b"text/plain; version=0.0.4; charset=utf-8"
-
-
 def _config(api_1: str, api_2: str, llm: str, search_1: str, search_2: str) -> str:
     return f"""
 entrypoints "web" {{
   address = "127.0.0.1:0"
+}}
+entrypoints "admin" {{
+  address = "127.0.0.1:0"
+}}
+dashboard {{
+  entrypoint = "admin"
 }}
 routers "health" {{
   rule     = "Path(`/healthz`)"
@@ -310,13 +288,7 @@ class DashboardBrowserTests(TestCase):
         gateway = start_gateway(
             self, _config(api_1.url, api_2.url, llm.url, search_1.url, search_2.url)
         )
-        # The integration the gateway does for the dashboard entrypoint, done here by hand:
-        # the statistics run as a child of the gateway and observe its entrypoint.
-        admin = AdminResource(gateway, _exposition, clock)
-        admin.stats.setServiceParent(gateway)
-        gateway.sites["web"].observers.append(admin.stats.request_finished)
-        gate = _Gate(admin)
-        server = backend(self, gate)
+        dashboard = f"http://127.0.0.1:{port_of(gateway, 'admin')}/dashboard/"
         traffic = _Traffic(
             port_of(gateway),
             ["/api/users", "/v1/models", "/search?q=a", "/v1/chat", "/api/orders"],
@@ -327,10 +299,17 @@ class DashboardBrowserTests(TestCase):
 
         screenshot = bool(os.environ.get("A3S_SCREENSHOT"))
 
+        def cut_admin() -> defer.Deferred[Any]:
+            # The admin entrypoint goes away: its port closes and its connections drop.
+            port = gateway.ports.pop("admin")
+            for channel in list(gateway.sites["admin"].channels):
+                channel.transport.abortConnection()  # type: ignore[union-attr]
+            return defer.maybeDeferred(port.stopListening)
+
         def drive() -> Dict[str, Any]:
             from selenium.webdriver.common.by import By
 
-            page = _Page(server.url + "/dashboard/")
+            page = _Page(dashboard)
             seen: Dict[str, Any] = {}
             try:
                 page.wait("the first update", lambda d: page.css("body[data-loaded]"))
@@ -362,7 +341,7 @@ class DashboardBrowserTests(TestCase):
                 seen["banner_before"] = banner.is_displayed()
                 if screenshot:
                     page.screenshot(SCREENSHOT)
-                threads.blockingCallFromThread(reactor, gate.close)
+                threads.blockingCallFromThread(reactor, cut_admin)
                 page.wait(
                     "the error banner",
                     lambda d: d.find_element(By.ID, "error-banner").is_displayed(),

@@ -32,13 +32,12 @@ The OpenTelemetry SDK is imported and set up only when ``otlp_endpoint`` is set.
 C{BatchSpanProcessor} exports from its own thread, so the reactor never waits on the network;
 L{Tracer.stop} flushes and shuts it down in the reactor's thread pool.
 
-Wiring (the reference always sends ``traceparent``, so a gateway without a ``tracing`` block uses
-the defaults)::
+Wiring (L{a3s_gateway.gateway} and L{a3s_gateway.proxy.resource})::
 
-    tracer = Tracer(config.tracing or TracingConfig(), reactor, reactor)
-    request.trace = tracer.begin(request.requestHeaders)   # when the headers have arrived
+    tracer = Tracer(config.tracing, reactor, reactor)
+    request.trace = tracer.begin(request.requestHeaders)   # once the request is routed
     tracer.inject(request.trace, forward)                  # after the mirror copy was sent
-    site.observers.append(tracer.request_finished)         # only needed if tracer.exporting
+    site.observers.append(tracer.request_finished)         # does nothing unless exporting
     yield tracer.stop()                                    # at shutdown, after the drain
 """
 
