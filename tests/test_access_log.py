@@ -103,6 +103,8 @@ class RecordTests(SynchronousTestCase):
         self.harness.reactor.advance(0.25)
         self.harness.upstream()
         [record] = self.log.records()
+        # Every proxied request is traced (a traceparent goes upstream, as in the reference).
+        self.assertRegex(record.pop("trace_id"), "^[0-9a-f]{32}$")
         self.assertEqual(
             record,
             {
@@ -118,7 +120,6 @@ class RecordTests(SynchronousTestCase):
                 "router": "api",
                 "entrypoint": "web",
                 "user_agent": "curl/8.0",
-                "trace_id": None,
                 "ttfb_ms": 250.0,
             },
         )

@@ -247,8 +247,8 @@
 
   // ---- charts ------------------------------------------------------------------------------
 
-  function niceCeil(value) {
-    if (value <= 0) return 1;
+  // The smallest of 1, 2, 2.5 and 5 times a power of ten that is at least value.
+  function niceStep(value) {
     const magnitude = Math.pow(10, Math.floor(Math.log10(value)));
     for (const step of [1, 2, 2.5, 5, 10]) {
       if (value <= step * magnitude) return step * magnitude;
@@ -286,13 +286,17 @@
         if (v !== null && v > highest) highest = v;
       }
     }
-    const top = niceCeil(highest * 1.1);
+    // Three to five gridlines at round values, with some headroom above the highest point.
+    const headroom = highest * 1.1;
+    const step = headroom > 0 ? niceStep(headroom / 4) : 1;
+    const ticks = headroom > 0 ? Math.max(1, Math.ceil(headroom / step)) : 4;
+    const top = ticks * step;
     const x = (t) => margin.left + ((t - since) / span) * plotW;
     const y = (v) => margin.top + plotH - (v / top) * plotH;
     const nodes = [];
 
-    for (let i = 0; i <= 4; i++) {
-      const value = (top * i) / 4;
+    for (let i = 0; i <= ticks; i++) {
+      const value = step * i;
       const yy = y(value);
       nodes.push(svgEl("line", { class: "grid", x1: margin.left, x2: width - margin.right, y1: yy, y2: yy }));
       const label = svgEl("text", { class: "axis-label", x: margin.left - 6, y: yy + 4, "text-anchor": "end" });
@@ -358,7 +362,7 @@
         { key: "requests", cls: "requests", kind: "area" },
         { key: "errors", cls: "errors", kind: "area" },
       ],
-      (v) => (v >= 10 || v === 0 ? formatInt(Math.round(v)) : v.toFixed(1)),
+      (v) => (Number.isInteger(v) ? formatInt(v) : v.toFixed(1)),
     );
     drawChart(
       $("chart-latency"),
