@@ -955,7 +955,7 @@ _ROUTER = (
 
 # Every key any middleware type reads (spec 2.2.4 plus the DECISIONS "New keys" table); a key
 # that the declared type does not use is accepted, as in the reference.
-_MIDDLEWARE_OPTIONS: Tuple[Tuple[str, Convert], ...] = (
+MIDDLEWARE_OPTIONS: Tuple[Tuple[str, Convert], ...] = (
     ("header", _string),
     ("keys", _STRINGS),
     ("value", _string),
@@ -998,7 +998,7 @@ _MIDDLEWARE_OPTIONS: Tuple[Tuple[str, Convert], ...] = (
 )
 _MIDDLEWARE = (
     _Field("type", _string, required=True),
-    *(_Field(key, _optional(convert)) for key, convert in _MIDDLEWARE_OPTIONS),
+    *(_Field(key, _optional(convert)) for key, convert in MIDDLEWARE_OPTIONS),
 )
 
 

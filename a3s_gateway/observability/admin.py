@@ -34,7 +34,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 import a3s_gateway
-from a3s_gateway.config.load import _MIDDLEWARE_OPTIONS
+from a3s_gateway.config.load import MIDDLEWARE_OPTIONS
 from a3s_gateway.config.schema import GatewayConfig, MiddlewareConfig
 from a3s_gateway.router.table import Route
 from a3s_gateway.service.backend import Backend
@@ -146,7 +146,7 @@ def _middleware_json(middleware: MiddlewareConfig) -> Dict[str, Any]:
     not set, with secrets masked.
     """
     data: Dict[str, Any] = {"name": middleware.name, "type": middleware.type}
-    data.update({key: None for key, _ in _MIDDLEWARE_OPTIONS})
+    data.update({key: None for key, _ in MIDDLEWARE_OPTIONS})
     for key, option in middleware.options.items():
         option = _plain(option)
         if option is None:

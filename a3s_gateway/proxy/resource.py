@@ -473,8 +473,10 @@ class EntrypointResource(Resource):
         Answer an admin path, behind the dashboard's middlewares (liveness probes carry no
         credentials, so C{/ping} is never guarded).
         """
+        # The admin API's own traffic is not shown as traffic on the dashboard's charts.
+        admin.stats.exclude(request)
         pipeline = self.admin_pipeline
-        if not pipeline.middlewares or facts.path == b"/ping":
+        if not pipeline.middlewares or facts.path in (b"/ping", b"/ping/"):
             request.render(admin)
             return
         ctx = RequestContext(facts, request.requestHeaders, target, "dashboard", self.secure)
