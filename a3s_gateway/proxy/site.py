@@ -97,9 +97,19 @@ class GatewayRequest(server.Request):
         transport.loseConnection()
 
     def process(self) -> None:
+        """
+        Render the site's root resource directly. The gateway's resources are leaves that read
+        only the raw path, so twisted.web's traversal (splitting and unquoting every path
+        segment) and its default Server and Date headers (replaced by the upstream's) would be
+        wasted work on every request.
+        """
         if self._rejected:
             return
-        super().process()
+        site = self.site = self.channel.site
+        try:
+            self.render(site.resource)
+        except BaseException:
+            self.processingFailed(Failure())
 
     def finish(self) -> None:
         super().finish()
