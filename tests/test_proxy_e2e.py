@@ -590,3 +590,28 @@ class BackpressureTests(TestCase):
         self.assertEqual(firehose.produced, total)
         reader.transport.loseConnection()  # type: ignore[union-attr]
         yield reader.closed
+
+
+class ReasonPhraseTests(TestCase):
+    @defer.inlineCallbacks
+    def test_newer_status_phrases(self) -> None:
+        """
+        Statuses missing from twisted.web's table (429, 431) still get their standard reason
+        phrase, never "Unknown Status".
+        """
+        echo = backend(self, EchoResource("echo"))
+        config = (
+            simple_config(echo.url).replace(
+                'service = "svc"', 'service = "svc"\n  middlewares = ["rl"]'
+            )
+            + 'middlewares "rl" {\n  type  = "rate-limit"\n  rate  = 1\n  burst = 1\n}\n'
+        )
+        gateway = start_gateway(self, config)
+        request = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        yield raw_request(port_of(gateway), request)
+        raw = yield raw_request(port_of(gateway), request)
+        self.assertTrue(raw.startswith(b"HTTP/1.1 429 Too Many Requests\r\n"), raw[:40])
+        raw = yield raw_request(
+            port_of(gateway), b"GET / HTTP/1.1\r\nX: " + b"a" * 70000 + b"\r\n\r\n"
+        )
+        self.assertTrue(raw.startswith(b"HTTP/1.1 431 Request Header Fields Too Large"), raw[:60])

@@ -7,6 +7,7 @@ and the reference's bodies (``{"error":"No route matched"}``, ...).
 from __future__ import annotations
 
 import json
+from http import HTTPStatus
 from typing import Any, Optional
 
 from twisted.web.http import RESPONSES
@@ -19,6 +20,20 @@ INTERNAL_ERROR = "Internal server error"
 NO_BACKEND = "No healthy backends"
 BODY_TOO_LARGE = "Request body too large"
 WEBSOCKET_UNSUPPORTED = "WebSocket upgrade is not supported"
+
+
+def reason_phrase(code: int) -> bytes:
+    """
+    The reason phrase of C{code}; twisted.web's table lacks newer codes such as 429 and 431
+    (it would say "Unknown Status").
+    """
+    phrase = RESPONSES.get(code)
+    if phrase is not None:
+        return phrase
+    try:
+        return HTTPStatus(code).phrase.encode("ascii")
+    except ValueError:
+        return b"Unknown Status"
 
 
 def error_body(message: str, **extra: Any) -> bytes:
@@ -35,7 +50,7 @@ def raw_error_response(code: int, message: str, **extra: Any) -> bytes:
     twisted.web has a request to answer with (oversized header sections and bodies).
     """
     body = error_body(message, **extra)
-    phrase = RESPONSES.get(code, b"Error")
+    phrase = reason_phrase(code)
     return (
         b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
         % (
@@ -53,7 +68,7 @@ def write_error(request: Request, code: int, message: str, **extra: Any) -> None
     Answer C{request} with C{code} and the JSON error body, and finish it.
     """
     body = error_body(message, **extra)
-    request.setResponseCode(code)
+    request.setResponseCode(code, reason_phrase(code))
     request.responseHeaders.setRawHeaders(b"Content-Type", [b"application/json"])
     request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % (len(body),)])
     request.write(body)

@@ -30,6 +30,7 @@ from a3s_gateway.proxy.errors import (
     NO_ROUTE,
     WEBSOCKET_UNSUPPORTED,
     error_body,
+    reason_phrase,
     upstream_failure,
     write_error,
 )
@@ -82,7 +83,7 @@ def write_reply(request: GatewayRequest, reply: Reply) -> None:
     """
     Send a middleware's L{Reply} and finish the request.
     """
-    request.setResponseCode(reply.status)
+    request.setResponseCode(reply.status, reason_phrase(reply.status))
     headers = Headers()
     for name, value in reply.headers:
         headers.addRawHeader(name, value)
@@ -353,7 +354,8 @@ class EntrypointResource(Resource):
     @param secure: whether the entrypoint terminates TLS.
     @param pipelines: the middleware pipeline of each router that has one.
     @param clock: the clock for retry intervals (needed when a pipeline retries).
-    @param tracer: propagates (and exports) traces, when tracing is configured.
+    @param tracer: propagates traceparent upstream (always, as the reference does) and, with a
+        C{tracing} block, B3, sampling and export.
     @param admin: the admin API and dashboard, on the dashboard's entrypoint only.
     @param admin_pipeline: the dashboard's middlewares, guarding every admin path but C{/ping}.
     """
