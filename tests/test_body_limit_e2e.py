@@ -93,3 +93,28 @@ class BodyLimitTests(TestCase):
             b"\r\n\r\n" + b"x" * 20,
         )
         self.assertEqual(json_body(parse_response(raw)[2])["body_bytes"], 20)
+
+
+class BodyLimitOrderingTests(TestCase):
+    @defer.inlineCallbacks
+    def test_limit_applies_before_other_middlewares(self) -> None:
+        """
+        Listed after ``api-key``, ``body-limit`` still refuses an oversized body with 413 before
+        the key is checked, because it is enforced while the body arrives; a body within the
+        limit then meets the key check (401).
+        """
+        echo = backend(self, EchoResource("echo"))
+        config = (
+            _config(echo.url).replace('middlewares = ["small"]', 'middlewares = ["key", "small"]')
+            + 'middlewares "key" {\n  type = "api-key"\n  keys = ["k"]\n}\n'
+        )
+        gateway = start_gateway(self, config)
+        raw = yield raw_request(
+            port_of(gateway), b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n\r\n"
+        )
+        self.assertEqual(parse_response(raw)[0], 413)
+        raw = yield raw_request(
+            port_of(gateway),
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+        )
+        self.assertEqual(parse_response(raw)[0], 401)

@@ -130,3 +130,25 @@ class RetryTests(TestCase):
         self.assertEqual(parse_response(raw)[0], 502)
         backends = gateway.registry.services["svc"].balancer.backends
         self.assertEqual([b.active_connections for b in backends], [0, 0])
+
+
+class RetryOrderingTests(TestCase):
+    @defer.inlineCallbacks
+    def test_breaker_sees_only_the_final_outcome(self) -> None:
+        """
+        With ``["breaker", "retry"]``, an attempt that failed and was retried successfully is
+        not a failure for the circuit breaker: its response phase runs once, on the answer the
+        client gets, so a breaker that opens on the first failure stays closed.
+        """
+        good = backend(self, EchoResource("good"))
+        dead = f"http://127.0.0.1:{unused_tcp_port()}"
+        config = _config([dead, good.url], "  max_retries = 1").replace(
+            'middlewares = ["retry"]', 'middlewares = ["breaker", "retry"]'
+        ) + (
+            'middlewares "breaker" {\n  type = "circuit-breaker"\n'
+            "  failure_threshold = 1\n  cooldown_secs = 60\n}\n"
+        )
+        gateway = start_gateway(self, config)
+        for _ in range(4):
+            raw = yield raw_request(port_of(gateway), _request())
+            self.assertEqual(parse_response(raw)[0], 200)
