@@ -3,7 +3,7 @@
 The ``a3s-gateway`` command: run the gateway without twistd's daemon options, validate a
 configuration, print the version.
 
-    a3s-gateway [--config PATH] [--listen ADDR]
+    a3s-gateway [--config PATH] [--listen ADDR] [--workers N]
     a3s-gateway validate [--config PATH]
     a3s-gateway --config PATH validate
     a3s-gateway --version
@@ -36,10 +36,18 @@ class CommandOptions(usage.Options):
     The command line of C{a3s-gateway}.
     """
 
-    synopsis = "[--config PATH] [--listen ADDR] [validate [--config PATH]]"
+    synopsis = "[--config PATH] [--listen ADDR] [--workers N] [validate [--config PATH]]"
     optParameters = [
         ["config", "c", None, "Path to the HCL config file (default: the embedded demo config)."],
         ["listen", "l", None, "Replace (or create) the HTTP entrypoint 'web' with this address."],
+        ["workers", "w", None, "Serve with N processes (overrides the config's workers).", int],
+        [
+            "worker-of",
+            None,
+            None,
+            "Internal: serve as a worker of the supervisor with this process id.",
+            int,
+        ],
     ]
     subCommands = [["validate", None, ValidateOptions, "Validate a configuration file and exit."]]
 
@@ -73,30 +81,51 @@ def validate(path: str, out: TextIO, err: TextIO) -> int:
     return 0
 
 
-def run(config_path: Optional[str], listen: Optional[str], err: TextIO) -> int:
+def run(
+    config_path: Optional[str],
+    listen: Optional[str],
+    err: TextIO,
+    workers: Optional[int] = None,
+    worker_of: Optional[int] = None,
+) -> int:
     """
-    Run the gateway in the foreground until SIGTERM or SIGINT, which drain it.
+    Run the gateway in the foreground until SIGTERM or SIGINT, which drain it: one process, or
+    a supervisor of C{workers} processes, or (C{worker_of}) one of those workers.
     """
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
     from a3s_gateway.tap import build_service, load
+    from a3s_gateway.workers import (
+        WorkerSupervisor,
+        announce_ready,
+        ignore_interrupts,
+        watch_supervisor,
+    )
 
     try:
-        config = load(config_path, listen)
+        config = load(config_path, listen, workers)
     except ConfigError as e:
         err.write(f"Error: {e}\n")
         return 1
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
-    service = build_service(config, reactor, with_demo=config_path is None)
+    worker = worker_of is not None
+    service = build_service(
+        config, reactor, with_demo=config_path is None, listen=listen, worker=worker
+    )
     try:
         service.privilegedStartService()
     except SystemExit as e:
         return int(e.code or 1)
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    if worker_of is not None:
+        ignore_interrupts()
+        watch_supervisor(reactor, worker_of)
+        announce_ready()
     reactor.run()
-    return 0
+    supervisors = [s for s in service if isinstance(s, WorkerSupervisor)]  # type: ignore[attr-defined]
+    return max([s.exit_code for s in supervisors], default=0)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -112,7 +141,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if options.subCommand == "validate":
         path = options.subOptions["config"] or options["config"] or "gateway.hcl"
         return validate(path, sys.stdout, sys.stderr)
-    return run(options["config"], options["listen"], sys.stderr)
+    return run(
+        options["config"], options["listen"], sys.stderr, options["workers"], options["worker-of"]
+    )
 
 
 if __name__ == "__main__":

@@ -100,16 +100,22 @@ def _listen_now(endpoint: IStreamServerEndpoint, factory: Any) -> IListeningPort
     return ports[0]
 
 
-def server_endpoint(reactor: Any, entrypoint: EntrypointConfig) -> IStreamServerEndpoint:
+def server_endpoint(
+    reactor: Any, entrypoint: EntrypointConfig, reuse_port: bool = False
+) -> IStreamServerEndpoint:
     """
-    The listening endpoint of an entrypoint's address (and TLS block).
+    The listening endpoint of an entrypoint's address (and TLS block); with C{reuse_port}, one
+    that sets C{SO_REUSEPORT}, so that every worker process can bind the same port.
     """
     host, port = parse_address(entrypoint.address)
     interface = _interface(host)
-    if entrypoint.tls is not None:
-        return SSL4ServerEndpoint(
-            reactor, port, _tls_options(entrypoint.tls), backlog=1024, interface=interface
-        )
+    tls = _tls_options(entrypoint.tls) if entrypoint.tls is not None else None
+    if reuse_port:
+        from a3s_gateway.workers import ReusePortEndpoint
+
+        return ReusePortEndpoint(reactor, port, interface, backlog=1024, tls_options=tls)
+    if tls is not None:
+        return SSL4ServerEndpoint(reactor, port, tls, backlog=1024, interface=interface)
     if ":" in interface:
         return TCP6ServerEndpoint(reactor, port, backlog=1024, interface=interface)
     return TCP4ServerEndpoint(reactor, port, backlog=1024, interface=interface)
@@ -118,14 +124,15 @@ def server_endpoint(reactor: Any, entrypoint: EntrypointConfig) -> IStreamServer
 class _Observability:
     """
     What the gateway shows operators, as configured: metrics and the admin API with the
-    dashboard (with a ``dashboard { }`` block), the access log (``access_log { }``) and tracing
-    (``tracing { }``). Each part that is not configured costs nothing per request.
+    dashboard (with a ``dashboard { }`` block) and the access log (``access_log { }``), each
+    costing nothing per request unless configured; and tracing, always on for ``traceparent``
+    propagation as in the reference, which ``tracing { }`` extends with B3, sampling and export.
 
     @ivar metrics: the counters behind ``/metrics``, when the dashboard is served.
     @ivar admin: the admin API and dashboard resource, when configured.
     @ivar admin_pipeline: the dashboard's middlewares.
     @ivar access_log: the access-log service, when configured.
-    @ivar tracer: the trace propagator and exporter, when configured.
+    @ivar tracer: the trace propagator (and exporter, with an ``otlp_endpoint``).
     """
 
     def __init__(self, gateway: Gateway, config: GatewayConfig, reactor: Any, agent: IAgent):
@@ -143,7 +150,7 @@ class _Observability:
             )
             self.admin.stats.setServiceParent(gateway)
             self._dashboard_entrypoint = config.dashboard.entrypoint
-            build = BuildContext(reactor=reactor, agent=agent, router="dashboard")
+            build = BuildContext(reactor=reactor, agent=agent, router="@dashboard")
             self.admin_pipeline = Pipeline(
                 [
                     build_middleware(config.middlewares[m], build)
@@ -187,16 +194,25 @@ class Gateway(MultiService):
     @param config: the validated configuration.
     @param reactor: the reactor to listen, connect and time with.
     @param agent: the agent for health-check probes (a non-persistent Agent by default).
+    @param reuse_port: bind the HTTP and TCP entrypoints with C{SO_REUSEPORT}, as each worker
+        of a multi-process gateway does (L{a3s_gateway.workers}).
     @ivar sites: the site of each HTTP entrypoint, by name.
     @ivar ports: the listening ports by entrypoint name, once started.
     """
 
     _log = Logger()
 
-    def __init__(self, config: GatewayConfig, reactor: Any, agent: Optional[IAgent] = None) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        reactor: Any,
+        agent: Optional[IAgent] = None,
+        reuse_port: bool = False,
+    ) -> None:
         MultiService.__init__(self)
         self.config = config
         self.reactor = reactor
+        self.reuse_port = reuse_port
         self.routes = RouteTable.from_config(config.routers)
         self._probe_pool: Optional[HTTPConnectionPool] = None
         if agent is None:
@@ -267,7 +283,9 @@ class Gateway(MultiService):
         try:
             for name, factory in [*self.sites.items(), *self.tcp.items()]:
                 entrypoint = self.config.entrypoints[name]
-                self.ports[name] = _listen_now(server_endpoint(self.reactor, entrypoint), factory)
+                self.ports[name] = _listen_now(
+                    server_endpoint(self.reactor, entrypoint, self.reuse_port), factory
+                )
                 self._log.info(
                     "Entrypoint {name} ({protocol}) listening on {address}",
                     name=name,

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Optional
+from typing import Any, List, Optional
 
+import attr
 from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
 from a3s_gateway import __version__
 from a3s_gateway.config import ConfigError, GatewayConfig, apply_listen, load_config
+from a3s_gateway.config.validate import validate_config
 
 DEFAULT_CONFIG_PATH = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "conf", "gateway.hcl"
@@ -30,10 +32,11 @@ class Options(usage.Options):
     validates the configuration, so a bad one is reported as a usage error and nothing starts.
     """
 
-    synopsis = "[--config PATH] [--listen ADDR]"
+    synopsis = "[--config PATH] [--listen ADDR] [--workers N]"
     optParameters = [
         ["config", "c", None, "Path to the HCL config file (default: the embedded demo config)."],
         ["listen", "l", None, "Replace (or create) the HTTP entrypoint 'web' with this address."],
+        ["workers", "w", None, "Serve with N processes (overrides the config's workers).", int],
     ]
 
     def opt_version(self) -> None:
@@ -47,20 +50,31 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         try:
-            self["gateway_config"] = load(self["config"], self["listen"])
+            self["gateway_config"] = load(self["config"], self["listen"], self["workers"])
         except ConfigError as e:
+            if self.parent is not None:
+                # Under twistd (our parent is its ServerOptions): twistd up to 26.4 prints a
+                # plugin's usage error and exits 0; a bad configuration must fail the process.
+                sys.stderr.write(f"Error: {e}\n")
+                raise SystemExit(1) from e
             raise usage.UsageError(str(e)) from e
 
 
-def load(path: Optional[str], listen: Optional[str]) -> GatewayConfig:
+def load(
+    path: Optional[str], listen: Optional[str], workers: Optional[int] = None
+) -> GatewayConfig:
     """
-    The configuration at C{path} (the embedded default when None), with C{--listen} applied.
+    The configuration at C{path} (the embedded default when None), with C{--listen} and
+    C{--workers} applied.
 
     @raise a3s_gateway.config.ConfigError: when it is missing or invalid.
     """
     config = load_config(path if path is not None else DEFAULT_CONFIG_PATH)
     if listen:
         config = apply_listen(config, listen)
+    if workers is not None:
+        config = attr.evolve(config, workers=workers)
+        validate_config(config)
     return config
 
 
@@ -82,10 +96,18 @@ class GatewayApplication(MultiService):
             raise SystemExit(1) from e
 
 
-def build_service(config: GatewayConfig, reactor: Any, with_demo: bool) -> IService:
+def build_service(
+    config: GatewayConfig,
+    reactor: Any,
+    with_demo: bool,
+    listen: Optional[str] = None,
+    worker: bool = False,
+) -> IService:
     """
     The gateway service tree: the L{Gateway}, preceded by the demo upstreams when the embedded
-    default configuration is served.
+    default configuration is served. With C{config.workers > 1} a L{WorkerSupervisor} takes the
+    gateway's place: it runs that many worker processes of the same file (and C{listen}). A
+    C{worker} binds its ports with C{SO_REUSEPORT}.
     """
     from a3s_gateway.gateway import Gateway
 
@@ -94,7 +116,24 @@ def build_service(config: GatewayConfig, reactor: Any, with_demo: bool) -> IServ
         from a3s_gateway.demo import DemoUpstreams
 
         DemoUpstreams(reactor).setServiceParent(root)
-    Gateway(config, reactor).setServiceParent(root)
+    if config.workers > 1 and not worker:
+        from a3s_gateway.workers import WorkerSupervisor, worker_argv
+
+        path = os.path.abspath(config.source)
+
+        def argv() -> List[str]:
+            return worker_argv(sys.executable, path, listen, os.getpid())
+
+        WorkerSupervisor(
+            reactor,
+            config.workers,
+            argv,
+            dict(os.environ),
+            # Each worker drains for up to shutdown_timeout_secs; allow for its start-up too.
+            stop_timeout=config.shutdown_timeout_secs + 10,
+        ).setServiceParent(root)
+    else:
+        Gateway(config, reactor, reuse_port=worker).setServiceParent(root)
     return root
 
 
@@ -104,4 +143,9 @@ def makeService(options: Options) -> IService:
     """
     from twisted.internet import reactor
 
-    return build_service(options["gateway_config"], reactor, with_demo=options["config"] is None)
+    return build_service(
+        options["gateway_config"],
+        reactor,
+        with_demo=options["config"] is None,
+        listen=options["listen"],
+    )

@@ -431,6 +431,7 @@ class ConfigTests(SynchronousTestCase):
                 "middlewares",
                 "providers",
                 "shutdown_timeout_secs",
+                "workers",
                 "access_log",
                 "tracing",
                 "dashboard",

@@ -112,3 +112,18 @@ class CliTests(SynchronousTestCase):
         """
         self.assertEqual(main(["--nope"]), 2)
         self.assertIn("Error:", self.err.getvalue())
+
+    def test_workers_out_of_range(self) -> None:
+        """
+        ``--workers 0`` overrides the file and is refused like a bad ``workers`` key: exit 1,
+        nothing starts.
+        """
+        self.assertEqual(main(["--config", self.write(VALID), "--workers", "0"]), 1)
+        self.assertIn("workers: workers (0) must be between 1 and 64", self.err.getvalue())
+
+    def test_workers_not_a_number(self) -> None:
+        """
+        ``--workers`` takes an integer; anything else is a usage error with exit status 2.
+        """
+        self.assertEqual(main(["--workers", "many"]), 2)
+        self.assertIn("Error:", self.err.getvalue())

@@ -1010,3 +1010,27 @@ class ApplyListenTests(_LoadTestCase):
         with self.assertRaises(ConfigValidationError) as raised:
             apply_listen(config, ":8080")
         self.assertEqual(raised.exception.key_path, "services.s.load_balancer.servers[0].url")
+
+
+class WorkersKeyTests(_LoadTestCase):
+    """The top-level ``workers`` key: how many processes serve the configuration."""
+
+    def test_default(self) -> None:
+        """Without the key one process serves."""
+        self.assertEqual(self.load(MINIMAL).workers, 1)
+
+    def test_set(self) -> None:
+        """An integer is taken as it is, also through an environment variable."""
+        self.assertEqual(self.load(MINIMAL + "workers = 4\n").workers, 4)
+        self.assertEqual(self.load(MINIMAL + "workers = ${N}\n", {"N": "2"}).workers, 2)
+
+    def test_type_errors(self) -> None:
+        """Anything but a non-negative integer is refused in serde's words, like the u64 keys."""
+        cases = (
+            ("workers = true", "invalid type: boolean `true`, expected usize"),
+            ("workers = 1.5", "invalid type: floating point `1.5`, expected usize"),
+            ('workers = "2"', 'invalid type: string "2", expected usize'),
+            ("workers = -1", "invalid value: integer `-1`, expected usize"),
+        )
+        for text, problem in cases:
+            self.assertInvalid(MINIMAL + text + "\n", "workers", problem)

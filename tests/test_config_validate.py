@@ -1197,3 +1197,57 @@ class MiddlewareSecretTests(SynchronousTestCase):
         e = self.assertRaises(ConfigValidationError, parse_config, text, "g.hcl")
         self.assertIn("middlewares.m.value", str(e))
         self.assertIn("unusable HMAC secret", str(e))
+
+
+class CircuitBreakerSettingsTests(SynchronousTestCase):
+    def test_zero_threshold(self) -> None:
+        """
+        A circuit breaker threshold of 0 is refused with its key path.
+        """
+        text = (
+            'entrypoints "web" {\n  address = "127.0.0.1:8080"\n}\n'
+            'middlewares "cb" {\n  type = "circuit-breaker"\n  failure_threshold = 0\n}\n'
+        )
+        e = self.assertRaises(ConfigValidationError, parse_config, text, "g.hcl")
+        self.assertIn("middlewares.cb.failure_threshold", str(e))
+        self.assertIn("requires failure_threshold > 0", str(e))
+
+
+class WorkersValidationTests(_ValidationTestCase):
+    """``workers``: 1 to 64, and what several processes sharing the ports cannot do."""
+
+    def test_range(self) -> None:
+        """0 and more than 64 are refused; 1 and 64 are accepted."""
+        for count in (0, 65):
+            self.assertInvalid(
+                BASE + f"workers = {count}\n",
+                "workers",
+                f"workers ({count}) must be between 1 and 64",
+            )
+        for count in (1, 64):
+            self.assertEqual(self.load(BASE + f"workers = {count}\n").workers, count)
+
+    def test_udp_entrypoint(self) -> None:
+        """UDP sessions live in one process: a UDP entrypoint needs workers = 1."""
+        udp = 'entrypoints "dns" {\n  address = ":5353"\n  protocol = "udp"\n}\n'
+        self.assertEqual(self.load(BASE + udp).workers, 1)
+        self.assertInvalid(
+            BASE + udp + "workers = 2\n",
+            "entrypoints.dns.protocol",
+            "Entrypoint 'dns': udp entrypoints need workers = 1",
+        )
+
+    def test_port_zero(self) -> None:
+        """Port 0 would give each worker its own port: several workers need a fixed one."""
+        text = BASE.replace("127.0.0.1:8080", "127.0.0.1:0")
+        self.assertEqual(self.load(text).workers, 1)
+        self.assertInvalid(
+            text + "workers = 2\n",
+            "entrypoints.web.address",
+            "Entrypoint 'web': workers > 1 needs a fixed port, not 0",
+        )
+
+    def test_tcp_entrypoint(self) -> None:
+        """TCP entrypoints (and HTTP ones) share their port among workers."""
+        tcp = 'entrypoints "t" {\n  address = ":5432"\n  protocol = "tcp"\n}\n'
+        self.assertEqual(self.load(BASE + tcp + "workers = 3\n").workers, 3)

@@ -16,6 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from a3s_gateway.demo import DemoUpstreams
 from a3s_gateway.gateway import Gateway
 from a3s_gateway.tap import DEFAULT_CONFIG_PATH, Options, makeService
+from a3s_gateway.workers import WorkerSupervisor
 
 CONFIG = """
 entrypoints "web" {
@@ -120,3 +121,48 @@ class OptionsTests(SynchronousTestCase):
         options.parseOptions([])
         children = list(IServiceCollection(makeService(options)))
         self.assertEqual([type(child) for child in children], [DemoUpstreams, Gateway])
+
+    def test_workers_option(self) -> None:
+        """
+        C{--workers N} overrides the file's C{workers}; the tree then holds a supervisor of N
+        workers in the gateway's place.
+        """
+        options = Options()
+        path = self.write(CONFIG.replace("127.0.0.1:0", "127.0.0.1:8080") + "workers = 3\n")
+        options.parseOptions(["--config", path, "--workers", "2"])
+        self.assertEqual(options["gateway_config"].workers, 2)
+        children = list(IServiceCollection(makeService(options)))
+        self.assertEqual([type(child) for child in children], [WorkerSupervisor])
+        supervisor = children[0]
+        assert isinstance(supervisor, WorkerSupervisor)
+        self.assertEqual(supervisor.count, 2)
+        argv = supervisor.argv()
+        self.assertEqual(argv[1:5], ["-m", "a3s_gateway.cli", "--config", os.path.abspath(path)])
+        self.assertEqual(argv[5:], ["--worker-of", str(os.getpid())])
+
+    def test_workers_option_validated(self) -> None:
+        """
+        C{--workers} is validated with the configuration: port 0 cannot be shared by workers.
+        """
+        options = Options()
+        e = self.assertRaises(
+            usage.UsageError,
+            options.parseOptions,
+            ["--config", self.write(CONFIG), "--workers", "2"],
+        )
+        self.assertIn("workers > 1 needs a fixed port, not 0", str(e))
+
+    def test_workers_embedded_default(self) -> None:
+        """
+        On the embedded default with workers, the supervisor runs the demo upstreams itself and
+        its workers serve the packaged file.
+        """
+        options = Options()
+        options.parseOptions(["--workers", "2", "--listen", "127.0.0.1:9999"])
+        children = list(IServiceCollection(makeService(options)))
+        self.assertEqual([type(child) for child in children], [DemoUpstreams, WorkerSupervisor])
+        supervisor = children[1]
+        assert isinstance(supervisor, WorkerSupervisor)
+        self.assertEqual(
+            supervisor.argv()[3:7], ["--config", DEFAULT_CONFIG_PATH, "--listen", "127.0.0.1:9999"]
+        )

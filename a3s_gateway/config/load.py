@@ -1083,6 +1083,7 @@ _GATEWAY = (
     _Field("middlewares", _named(_middleware)),
     _Field("providers", lambda v, p: ProvidersConfig(**_struct(v, p, _PROVIDERS))),
     _Field("shutdown_timeout_secs", _integer(_U64)),
+    _Field("workers", _integer(_USIZE)),
     _Field("access_log", _optional(lambda v, p: AccessLogConfig(**_struct(v, p, _ACCESS_LOG)))),
     _Field("tracing", _optional(lambda v, p: TracingConfig(**_struct(v, p, _TRACING)))),
     _Field("dashboard", _optional(lambda v, p: DashboardConfig(**_struct(v, p, _DASHBOARD)))),

@@ -256,6 +256,7 @@ class GatewayConfig:
     middlewares: Mapping[str, MiddlewareConfig] = attr.ib(factory=dict)
     providers: ProvidersConfig = ProvidersConfig()
     shutdown_timeout_secs: int = 30
+    workers: int = 1
     access_log: Optional[AccessLogConfig] = None
     tracing: Optional[TracingConfig] = None
     dashboard: Optional[DashboardConfig] = None

@@ -38,6 +38,9 @@ from a3s_gateway.config.schema import (
 )
 from a3s_gateway.router.rule import RequestFacts, RuleError, parse_rule
 
+# The most worker processes a gateway runs (``workers``).
+MAX_WORKERS = 64
+
 __all__ = ["check_ip_or_cidr", "format_float", "parse_address", "validate_config"]
 
 
@@ -232,6 +235,7 @@ class _Validator:
         for service in self.config.services.values():
             self._service(service, http_reasons.get(service.name))
         self._entrypoints()
+        self._workers()
         for middleware in self.config.middlewares.values():
             self._middleware(middleware)
         self._observability()
@@ -811,7 +815,36 @@ class _Validator:
         self._ip_list(f"{path}.allowed_ips", entries)
 
     def _no_settings(self, middleware: MiddlewareConfig, path: str) -> None:
-        """``circuit-breaker`` and ``compress``: every value their typed keys allow works."""
+        """``compress``: every value its typed keys allow works."""
+
+    def _circuit_breaker(self, middleware: MiddlewareConfig, path: str) -> None:
+        # A threshold of 0 would open on no failure or close on no success.
+        for key in ("failure_threshold", "success_threshold"):
+            if middleware.options.get(key) == 0:
+                self.fail(f"{path}.{key}", f"circuit-breaker middleware requires {key} > 0")
+
+    def _workers(self) -> None:
+        """
+        ``workers``: 1 to 64 processes. Several workers share each TCP port with
+        ``SO_REUSEPORT``, so every entrypoint needs a fixed port, and UDP entrypoints are
+        refused: their sessions (the client's upstream socket) live in one process.
+        """
+        config = self.config
+        if not 1 <= config.workers <= MAX_WORKERS:
+            self.fail("workers", f"workers ({config.workers}) must be between 1 and {MAX_WORKERS}")
+        if config.workers == 1:
+            return
+        for name, entrypoint in config.entrypoints.items():
+            if entrypoint.protocol == "udp":
+                self.fail(
+                    f"entrypoints.{name}.protocol",
+                    f"Entrypoint '{name}': udp entrypoints need workers = 1",
+                )
+            if parse_address(entrypoint.address)[1] == 0:
+                self.fail(
+                    f"entrypoints.{name}.address",
+                    f"Entrypoint '{name}': workers > 1 needs a fixed port, not 0",
+                )
 
     # -- the rest --------------------------------------------------------------------------
 
@@ -882,7 +915,7 @@ _MIDDLEWARE_CHECKS = {
     "strip-prefix": _Validator._strip_prefix,
     "body-limit": _Validator._body_limit,
     "retry": _Validator._retry,
-    "circuit-breaker": _Validator._no_settings,
+    "circuit-breaker": _Validator._circuit_breaker,
     "ip-allow": _Validator._ip_allow,
     "compress": _Validator._no_settings,
 }
