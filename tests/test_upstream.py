@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import io
+import platform
 import weakref
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
@@ -1511,6 +1512,11 @@ class ProducerTests(SynchronousTestCase):
 
 class MemoryTests(SynchronousTestCase):
     """What an exchange keeps alive."""
+
+    if platform.python_implementation() != "CPython":
+        # Only CPython frees an object the moment its last reference goes; elsewhere (PyPy) every
+        # object waits for the collector, so "freed without the cycle collector" cannot be seen.
+        skip = "needs CPython's reference counting"
 
     def assertFreedWithoutCycleCollector(
         self, finish: Callable[[Harness, Any, Exchange], None]
