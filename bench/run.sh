@@ -7,8 +7,11 @@
 #   PY=python        interpreter with Twisted and a3s-gateway's dependencies (default: python3);
 #                    the gateway, the stock proxy and the hello-world all run on it
 #   WARMUP=seconds   unmeasured wrk run before each row (default 1; 0 to skip)
+#   BENCH_RESULTS=file  also append machine-readable "RESULT measure|row|value|unit" lines there
+#                    (bench/suite.sh reads them), measure named by BENCH_MEASURE (default
+#                    throughput) and rows suffixed with " (BENCH_LABEL)" when that is set
 # needs: wrk. Optional: nginx (backend and nginx-proxy rows), haproxy (HAProxy row).
-# Ports used: 127.0.0.1:9300-9305.
+# Ports used: 127.0.0.1:9300-9308 (BENCH_PORT_BASE=n: n to n+8).
 set -u
 export LC_ALL=C
 
@@ -20,14 +23,17 @@ conns=${2:-50}
 PY=${PY:-python3}
 WARMUP=${WARMUP:-1}
 
-GATEWAY_PORT=9300 # must match bench/bench.hcl
-BACKEND_PORT=9301 # must match bench/bench.hcl
-STOCK_PORT=9302
-HELLO_PORT=9303
-NGINX_PROXY_PORT=9304
-HAPROXY_PORT=9305
-CHAIN_PORT=9306   # must match bench/bench-middleware.hcl
-OBSERVED_PORT=9307 # must match bench/bench-observability.hcl (admin entrypoint on 9308)
+# BENCH_PORT_BASE moves every port (default 9300; the .hcl files are rewritten to match).
+base=${BENCH_PORT_BASE:-9300}
+GATEWAY_PORT=$base                 # bench/bench.hcl says 9300
+BACKEND_PORT=$((base + 1))         # every .hcl's server says 9301
+STOCK_PORT=$((base + 2))
+HELLO_PORT=$((base + 3))
+NGINX_PROXY_PORT=$((base + 4))
+HAPROXY_PORT=$((base + 5))
+CHAIN_PORT=$((base + 6))           # bench/bench-middleware.hcl says 9306
+OBSERVED_PORT=$((base + 7))        # bench/bench-observability.hcl says 9307
+ADMIN_PORT=$((base + 8))           # and 9308 for its admin entrypoint
 
 die() { echo "bench/run.sh: $*" >&2; exit 1; }
 
@@ -57,12 +63,18 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+for hcl in bench.hcl bench-middleware.hcl bench-observability.hcl; do # ports moved by BENCH_PORT_BASE
+  sed -e "s/127\.0\.0\.1:9300\b/127.0.0.1:$GATEWAY_PORT/; s/127\.0\.0\.1:9301\b/127.0.0.1:$BACKEND_PORT/" \
+    -e "s/127\.0\.0\.1:9306\b/127.0.0.1:$CHAIN_PORT/; s/127\.0\.0\.1:9307\b/127.0.0.1:$OBSERVED_PORT/" \
+    -e "s/127\.0\.0\.1:9308\b/127.0.0.1:$ADMIN_PORT/" "bench/$hcl" >"$run_dir/$hcl"
+done
+
 accepts() { # port: true when something accepts a TCP connection on 127.0.0.1:port
   (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
 }
 
 for port in $GATEWAY_PORT $BACKEND_PORT $STOCK_PORT $HELLO_PORT $NGINX_PROXY_PORT $HAPROXY_PORT \
-  $CHAIN_PORT $OBSERVED_PORT 9308; do
+  $CHAIN_PORT $OBSERVED_PORT $ADMIN_PORT; do
   accepts "$port" && die "127.0.0.1:$port is already in use; stop whatever listens there first"
 done
 
@@ -166,11 +178,11 @@ EOF
   start haproxy $HAPROXY_PORT haproxy -f "$run_dir/haproxy.cfg" -db && haproxy_ok=1
 fi
 start stock-proxy $STOCK_PORT "$PY" bench/stock_proxy.py $STOCK_PORT $BACKEND_PORT && stock_ok=1
-start gateway $GATEWAY_PORT "$PY" -m a3s_gateway.cli --config bench/bench.hcl && gateway_ok=1
+start gateway $GATEWAY_PORT "$PY" -m a3s_gateway.cli --config "$run_dir/bench.hcl" && gateway_ok=1
 start hello $HELLO_PORT "$PY" bench/hello.py $HELLO_PORT && hello_ok=1
-start chain $CHAIN_PORT "$PY" -m a3s_gateway.cli --config bench/bench-middleware.hcl && chain_ok=1
+start chain $CHAIN_PORT "$PY" -m a3s_gateway.cli --config "$run_dir/bench-middleware.hcl" && chain_ok=1
 BENCH_ACCESS_LOG="$run_dir/access.log" start observed $OBSERVED_PORT \
-  "$PY" -m a3s_gateway.cli --config bench/bench-observability.hcl && observed_ok=1
+  "$PY" -m a3s_gateway.cli --config "$run_dir/bench-observability.hcl" && observed_ok=1
 [ "$backend_ok" = 1 ] || die "the backend did not start; nothing to measure"
 
 # --- measure --------------------------------------------------------------------------------
@@ -234,6 +246,13 @@ measure() { # key label port ok [header]
     notes="wrk failed: $(printf '%s\n' "$out" | tail -n 1)"
   else
     rps_of[$key]=$rps
+    if [ -n "${BENCH_RESULTS:-}" ]; then
+      local row=$key
+      [ -n "${BENCH_LABEL:-}" ] && row="$key ($BENCH_LABEL)"
+      printf 'RESULT %s_rps|%s|%s|req/s\nRESULT %s_p50|%s|%s|ms\nRESULT %s_p99|%s|%s|ms\n' \
+        "${BENCH_MEASURE:-throughput}" "$row" "$rps" "${BENCH_MEASURE:-throughput}" "$row" "$p50" \
+        "${BENCH_MEASURE:-throughput}" "$row" "$p99" >>"$BENCH_RESULTS"
+    fi
   fi
   printf '%-34s %11s %10s %10s  %s\n' "$label" "${rps:--}" \
     "$([ -n "$p50" ] && printf '%.2f' "$p50" || echo -)" \

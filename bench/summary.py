@@ -1,0 +1,251 @@
+"""
+Turns the ``RESULT measure|row|value|unit`` lines the suite's scripts write into one table: for
+each measure, every row (gateway, stock Twisted proxy, hello-world, nginx, HAProxy, ... as they
+were measured) with its value, its baseline from the same run (rows carrying an interpreter
+label, e.g. ``gateway (PyPy)``, are compared with the baseline of the same label when there is
+one), the ratio or difference, and for the gateway's rows the issue's target and PASS/MISS.
+
+With ``--check``, also compares each judged figure with HALF its target (the CI threshold for a
+gross regression), prints each one that falls below, and exits 1 if any does.
+
+usage: summary.py RESULTS-FILE [--check]
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+
+
+class Measure(NamedTuple):
+    key: str  # the RESULT measure
+    title: str
+    baseline: Optional[str]  # row compared with; None for absolute figures
+    mode: str  # "ratio" (value / baseline), "diff" (value - baseline) or "abs"
+    judged: Tuple[str, ...]  # rows (before any label) the target applies to
+    target: str  # human text
+    passes: Optional[Callable[[float], bool]]  # on the ratio / difference / value
+    ci_fails: Optional[Callable[[float], bool]]  # half the target: a gross regression
+    ci_text: str
+
+
+MEASURES = [
+    Measure(
+        "throughput_rps",
+        "throughput req/s, wrk -c50",
+        "hello",
+        "ratio",
+        ("gateway",),
+        ">= 0.6x hello-world",
+        lambda r: r >= 0.6,
+        lambda r: r < 0.3,
+        "< 0.3x hello-world",
+    ),
+    Measure(
+        "throughput_rps",
+        "middleware chain req/s",
+        "gateway",
+        "ratio",
+        ("chain",),
+        ">= 0.85x gateway (cost <= 15%)",
+        lambda r: r >= 0.85,
+        lambda r: r < 0.7,
+        "cost > 30%",
+    ),
+    Measure(
+        "throughput_rps",
+        "observability on req/s",
+        "gateway",
+        "ratio",
+        ("observed",),
+        "",
+        None,
+        None,
+        "",
+    ),
+    Measure(
+        "latency_p50",
+        "latency p50 ms, wrk -c1",
+        "backend",
+        "diff",
+        ("gateway",),
+        "<= direct + 0.5 ms",
+        lambda d: d <= 0.5,
+        lambda d: d > 1.0,
+        "> direct + 1.0 ms",
+    ),
+    Measure(
+        "sse_lost",
+        "SSE streams lost",
+        None,
+        "abs",
+        ("gateway",),
+        "0",
+        lambda v: v == 0,
+        lambda v: v > 0,
+        "> 0",
+    ),
+    Measure(
+        "sse_delay_p50", "SSE per-event delay p50 ms", "direct", "diff", (), "", None, None, ""
+    ),
+    Measure(
+        "sse_delay_p99",
+        "SSE per-event delay p99 ms",
+        "direct",
+        "diff",
+        ("gateway",),
+        "<= direct + 5 ms",
+        lambda d: d <= 5,
+        lambda d: d > 10,
+        "> direct + 10 ms",
+    ),
+    Measure(
+        "sse_ttfe_p50",
+        "SSE first event p50 ms, 64 streams",
+        "nginx-unbuffered",
+        "diff",
+        ("gateway",),
+        "<= nginx + 2 ms",
+        lambda d: d <= 2,
+        lambda d: d > 4,
+        "> nginx + 4 ms",
+    ),
+    Measure(
+        "sse_ttfe_p99",
+        "SSE first event p99 ms, 64 streams",
+        "nginx-unbuffered",
+        "diff",
+        (),
+        "",
+        None,
+        None,
+        "",
+    ),
+    Measure(
+        "slow_growth",
+        "slow client: RSS growth MB",
+        None,
+        "abs",
+        ("gateway",),
+        "< 20 MB",
+        lambda v: v < 20,
+        lambda v: v > 40,
+        "> 40 MB",
+    ),
+    Measure(
+        "idle_held",
+        "idle connections held",
+        "idle_wanted",
+        "ratio",
+        ("gateway",),
+        "all held",
+        lambda r: r >= 1.0,
+        lambda r: r < 0.5,
+        "< half held",
+    ),
+    Measure(
+        "idle_kib_per_conn", "idle: KiB per connection", "hello", "ratio", (), "", None, None, ""
+    ),
+]
+
+
+def split_label(row: str) -> Tuple[str, str]:
+    """``"gateway (PyPy)"`` -> ``("gateway", " (PyPy)")``."""
+    if row.endswith(")") and " (" in row:
+        i = row.index(" (")
+        return row[:i], row[i:]
+    return row, ""
+
+
+def load(path: str) -> Tuple[Dict[Tuple[str, str], float], Dict[str, List[str]]]:
+    values: Dict[Tuple[str, str], float] = {}
+    rows: Dict[str, List[str]] = {}
+    with open(path) as results:
+        for line in results:
+            if not line.startswith("RESULT "):
+                continue
+            measure, row, value, _unit = line[7:].rstrip("\n").split("|")
+            try:
+                values[(measure, row)] = float(value)
+            except ValueError:
+                continue
+            rows.setdefault(measure, [])
+            if row not in rows[measure]:
+                rows[measure].append(row)
+    return values, rows
+
+
+def main(argv: List[str]) -> int:
+    values, rows = load(argv[1])
+    check = "--check" in argv
+    out = [("measure", "row", "value", "baseline", "ratio/diff", "target", "verdict")]
+    regressions: List[str] = []
+    for m in MEASURES:
+        for row in rows.get(m.key, []):
+            name, label = split_label(row)
+            if m.key == "throughput_rps":
+                # The chain and observability lines show only their own row; the main line the rest.
+                if m.title.startswith("throughput"):
+                    if name in ("chain", "observed"):
+                        continue
+                elif name not in m.judged:
+                    continue
+            value = values[(m.key, row)]
+            base_value: Optional[float] = None
+            base_text = "-"
+            if m.baseline is not None:
+                base_measure = "idle_wanted" if m.baseline == "idle_wanted" else m.key
+                base_row_name = row if m.baseline == "idle_wanted" else m.baseline
+                for candidate in (
+                    (base_measure, base_row_name + label),
+                    (base_measure, base_row_name),
+                ):
+                    if candidate in values and m.baseline != "idle_wanted":
+                        base_value = values[candidate]
+                        base_text = f"{candidate[1]} {base_value:.2f}"
+                        break
+                    if candidate in values:
+                        base_value = values[candidate]
+                        base_text = f"{base_value:.0f} opened"
+                        break
+            if m.mode == "abs":
+                figure: Optional[float] = value
+                fig_text = "-"
+            elif base_value is None:
+                figure, fig_text = None, "-"
+            elif m.mode == "ratio":
+                figure = value / base_value if base_value else None
+                fig_text = f"{figure:.2f}x" if figure is not None else "-"
+            else:
+                figure = value - base_value
+                fig_text = f"{figure:+.2f}"
+            verdict, target = "", ""
+            if name in m.judged and m.passes is not None:
+                target = m.target
+                if figure is None:
+                    verdict = "no baseline"
+                else:
+                    verdict = "PASS" if m.passes(figure) else "MISS"
+                    if m.ci_fails is not None and m.ci_fails(figure):
+                        regressions.append(
+                            f"{m.title} [{row}]: "
+                            f"{fig_text if m.mode != 'abs' else value} ({m.ci_text})"
+                        )
+            out.append((m.title, row, f"{value:.2f}", base_text, fig_text, target, verdict))
+    widths = [max(len(r[i]) for r in out) for i in range(len(out[0]))]
+    for i, r in enumerate(out):
+        print("| " + " | ".join(c.ljust(widths[j]) for j, c in enumerate(r)) + " |")
+        if i == 0:
+            print("| " + " | ".join("-" * w for w in widths) + " |")
+    if check:
+        print()
+        if regressions:
+            for regression in regressions:
+                print(f"GROSS REGRESSION (below half the target): {regression}")
+            return 1
+        print("ci-check: no figure below half its target")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
