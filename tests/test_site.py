@@ -175,3 +175,26 @@ class SiteTests(SynchronousTestCase):
         Draining a site with no connections is done at once.
         """
         self.successResultOf(self.site.drain())
+
+
+class ObserverTests(SynchronousTestCase):
+    def test_failing_observer_is_contained(self) -> None:
+        """
+        A request observer that raises is logged; the response still completes and later
+        observers still run.
+        """
+        clock = MemoryReactorClock()
+        site = GatewaySite(_Recorder(), clock, max_request_body_bytes=10)
+        seen: List[bytes] = []
+
+        def broken(request: object) -> None:
+            raise ValueError("observer bug")
+
+        site.observers.extend([broken, lambda request: seen.append(request.uri)])  # type: ignore[attr-defined]
+        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertIn(b"200 OK", transport.value())
+        self.assertEqual(seen, [b"/x"])
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)

@@ -128,7 +128,11 @@ class GatewayRequest(server.Request):
             return
         self._reported = True
         for observer in self._observers:
-            observer(self)
+            # An observer's bug must never break the request it observes.
+            try:
+                observer(self)
+            except Exception:
+                self._log.failure("Request observer {observer!r} failed", observer=observer)
 
     def processingFailed(self, reason: Failure) -> Failure:
         """
