@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IAgent
 
+from a3s_gateway.addresses import Networks
 from a3s_gateway.config import parse_address
 from a3s_gateway.config.schema import EntrypointConfig, GatewayConfig, TlsConfig, TracingConfig
 from a3s_gateway.middleware.base import BuildContext
@@ -30,7 +31,7 @@ from a3s_gateway.observability.access_log import AccessLog, AccessLogError
 from a3s_gateway.observability.admin import AdminResource
 from a3s_gateway.observability.metrics import GatewayMetrics
 from a3s_gateway.observability.tracing import Tracer
-from a3s_gateway.proxy.headers import TrustedProxies, parse_networks
+from a3s_gateway.proxy.headers import TrustedProxies
 from a3s_gateway.proxy.resource import EntrypointResource
 from a3s_gateway.proxy.site import GatewaySite
 from a3s_gateway.proxy.tcp import TcpEntrypointFactory
@@ -242,7 +243,7 @@ class Gateway(MultiService):
                     self.routes,
                     services,
                     self.pool,
-                    TrustedProxies(parse_networks(entrypoint.forwarded_headers.trusted_ips)),
+                    TrustedProxies(Networks.parse(entrypoint.forwarded_headers.trusted_ips)),
                     secure=entrypoint.tls is not None,
                     pipelines=self.pipelines,
                     clock=reactor,

@@ -7,11 +7,11 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
+from a3s_gateway.addresses import Networks
 from a3s_gateway.proxy.headers import (
     TrustedProxies,
     connection_tokens,
     forward_request_headers,
-    parse_networks,
     response_headers,
 )
 
@@ -57,7 +57,7 @@ class TrustedProxiesTests(SynchronousTestCase):
         """
         IPv4 and IPv6 CIDRs and bare addresses are matched; IPv4-mapped IPv6 peers count as IPv4.
         """
-        proxies = TrustedProxies(parse_networks(["10.0.0.0/8", "::1", "2001:db8::/32"]))
+        proxies = TrustedProxies(Networks.parse(["10.0.0.0/8", "::1", "2001:db8::/32"]))
         self.assertTrue(proxies.trusts("10.9.8.7"))
         self.assertTrue(proxies.trusts("::ffff:10.0.0.1"))
         self.assertTrue(proxies.trusts("::1"))
@@ -70,7 +70,7 @@ class TrustedProxiesTests(SynchronousTestCase):
         Through a trusted peer, the client is the last X-Forwarded-For address that is not
         itself trusted, walking from the right.
         """
-        proxies = TrustedProxies(parse_networks(["10.0.0.0/8"]))
+        proxies = TrustedProxies(Networks.parse(["10.0.0.0/8"]))
         self.assertEqual(
             proxies.client_ip("10.0.0.1", [b"6.6.6.6, 1.2.3.4", b"10.0.0.2"]), "1.2.3.4"
         )
@@ -79,7 +79,7 @@ class TrustedProxiesTests(SynchronousTestCase):
         """
         A hop that is not an address stops the walk at the last good address.
         """
-        proxies = TrustedProxies(parse_networks(["10.0.0.0/8"]))
+        proxies = TrustedProxies(Networks.parse(["10.0.0.0/8"]))
         self.assertEqual(proxies.client_ip("10.0.0.1", [b"<script>, 1.2.3.4"]), "1.2.3.4")
         self.assertEqual(proxies.client_ip("10.0.0.1", [b"1.2.3.4, junk"]), "10.0.0.1")
 
@@ -87,7 +87,7 @@ class TrustedProxiesTests(SynchronousTestCase):
         """
         An entry that is neither an IP nor a CIDR is a ValueError.
         """
-        self.assertRaises(ValueError, parse_networks, ["10.0.0.0/33"])
+        self.assertRaises(ValueError, Networks.parse, ["10.0.0.0/33"])
 
 
 class ForwardRequestHeadersTests(SynchronousTestCase):

@@ -19,9 +19,9 @@ Differences from the reference, on purpose:
 
 from __future__ import annotations
 
-import ipaddress
-from typing import Iterable, Optional, Sequence, Tuple, Union, cast
+from typing import Sequence, cast
 
+from a3s_gateway.addresses import Networks, parse_address
 from a3s_gateway.config.schema import MiddlewareConfig
 from a3s_gateway.middleware.base import (
     BuildContext,
@@ -30,41 +30,8 @@ from a3s_gateway.middleware.base import (
     RequestResult,
     json_reply,
 )
-from a3s_gateway.proxy.headers import Network, parse_networks
 
 _FORBIDDEN = json_reply(403, "Forbidden")
-_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
-
-Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
-
-
-def _unmapped(network: Network) -> Network:
-    """
-    The IPv4 network an IPv4-mapped IPv6 network stands for; any other network as it is.
-    """
-    if (
-        isinstance(network, ipaddress.IPv6Network)
-        and network.prefixlen >= _MAPPED.prefixlen
-        and network.subnet_of(_MAPPED)
-    ):
-        mapped = network.network_address.ipv4_mapped
-        assert mapped is not None
-        return ipaddress.IPv4Network((mapped, network.prefixlen - _MAPPED.prefixlen))
-    return network
-
-
-def client_address(text: str) -> Optional[Address]:
-    """
-    C{text} as an address, an IPv4-mapped IPv6 address as its IPv4 address; None when C{text}
-    is not an IP address.
-    """
-    try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
 
 
 class IpAllow(Middleware):
@@ -72,28 +39,15 @@ class IpAllow(Middleware):
     Refuses every client whose address is outside the allowed networks.
     """
 
-    def __init__(self, name: str, networks: Iterable[Network]) -> None:
+    def __init__(self, name: str, networks: Networks) -> None:
         super().__init__(name)
-        unmapped = [_unmapped(network) for network in networks]
-        # Kept apart by version so that an address is only ever tested against networks of its
-        # own family.
-        self._v4: Tuple[ipaddress.IPv4Network, ...] = tuple(
-            n for n in unmapped if isinstance(n, ipaddress.IPv4Network)
-        )
-        self._v6: Tuple[ipaddress.IPv6Network, ...] = tuple(
-            n for n in unmapped if isinstance(n, ipaddress.IPv6Network)
-        )
+        self.networks = networks
 
     def allows(self, text: str) -> bool:
         """
         Whether the client address C{text} is inside one of the allowed networks.
         """
-        address = client_address(text)
-        if isinstance(address, ipaddress.IPv4Address):
-            return any(address in network for network in self._v4)
-        if isinstance(address, ipaddress.IPv6Address):
-            return any(address in network for network in self._v6)
-        return False
+        return self.networks.contains(parse_address(text))
 
     def on_request(self, ctx: RequestContext) -> RequestResult:
         """
@@ -108,4 +62,4 @@ def build(config: MiddlewareConfig, ctx: BuildContext) -> Middleware:
     CIDR).
     """
     entries = cast(Sequence[str], config.options.get("allowed_ips", ()))
-    return IpAllow(config.name, parse_networks(entries))
+    return IpAllow(config.name, Networks.parse(entries))

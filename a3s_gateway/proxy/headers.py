@@ -9,12 +9,12 @@ and allocate one list per direction.
 
 from __future__ import annotations
 
-import ipaddress
-from typing import Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import attr
 
-Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+from a3s_gateway.addresses import Networks, parse_address
+
 RawHeaders = List[Tuple[bytes, bytes]]
 
 # RFC 9110 section 7.6.1 plus the de-facto ones; Content-Length is not hop-by-hop but the upstream
@@ -52,25 +52,6 @@ def connection_tokens(values: Optional[Sequence[bytes]]) -> frozenset[bytes]:
     )
 
 
-def parse_networks(entries: Iterable[str]) -> Tuple[Network, ...]:
-    """
-    Parse IPs and CIDRs (v4 and v6) into networks; a bare IP becomes a one-address network.
-
-    @raise ValueError: for an entry that is neither.
-    """
-    return tuple(ipaddress.ip_network(entry.strip(), strict=False) for entry in entries)
-
-
-def _address(text: str) -> Optional[Union[ipaddress.IPv4Address, ipaddress.IPv6Address]]:
-    try:
-        address = ipaddress.ip_address(text.strip())
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
-
-
 @attr.s(frozen=True, auto_attribs=True)
 class TrustedProxies:
     """
@@ -78,16 +59,13 @@ class TrustedProxies:
     ``forwarded_headers { trusted_ips }``). Empty means nobody is trusted.
     """
 
-    networks: Tuple[Network, ...] = ()
+    networks: Networks = Networks()
 
     def trusts(self, ip: str) -> bool:
         """
         Whether the address C{ip} is inside one of the trusted networks.
         """
-        if not self.networks:
-            return False
-        address = _address(ip)
-        return address is not None and any(address in network for network in self.networks)
+        return bool(self.networks) and self.networks.contains(parse_address(ip))
 
     def client_ip(self, peer: str, forwarded_for: Optional[Sequence[bytes]]) -> str:
         """
@@ -100,7 +78,7 @@ class TrustedProxies:
         client = peer
         for hop in reversed(hops):
             text = hop.decode("latin-1")
-            if _address(text) is None:
+            if parse_address(text) is None:
                 break
             client = text
             if not self.trusts(text):

@@ -15,8 +15,7 @@ write side still gets the response), and the backend's connection count is exact
 
 from __future__ import annotations
 
-import ipaddress
-from typing import Any, Iterable, List, Mapping, Optional, Protocol, Set, Tuple, Union, cast
+from typing import Any, Iterable, List, Mapping, Optional, Protocol, Set, cast
 
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -29,6 +28,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
+from a3s_gateway.addresses import Networks
 from a3s_gateway.config import check_ip_or_cidr
 from a3s_gateway.config.schema import EntrypointConfig
 from a3s_gateway.router.rule import RequestFacts
@@ -36,33 +36,19 @@ from a3s_gateway.router.table import RouteTable
 from a3s_gateway.service.backend import Backend
 from a3s_gateway.service.registry import Service
 
-Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
-
 _log = Logger()
 
 
-def parse_allowed_ips(entries: Iterable[str]) -> Tuple[Network, ...]:
+def parse_allowed_ips(entries: Iterable[str]) -> Networks:
     """
-    Parse ``tcp_allowed_ips`` (IPs and CIDRs, v4 and v6) into networks; a bare IP is a
-    one-address network. A ``::ffff:a.b.c.d/n`` network becomes the IPv4 network it stands for,
-    because peers are compared in their IPv4 form.
+    Parse ``tcp_allowed_ips`` (IPs and CIDRs, v4 and v6) into networks.
 
     @raise ValueError: ``Invalid CIDR '<x>': ...`` or ``Invalid IP address '<x>': ...``.
     """
-    networks: List[Network] = []
+    entries = list(entries)
     for entry in entries:
         check_ip_or_cidr(entry)
-        network: Network = ipaddress.ip_network(entry, strict=False)
-        if (
-            isinstance(network, ipaddress.IPv6Network)
-            and network.prefixlen >= 96
-            and network.network_address.ipv4_mapped is not None
-        ):
-            network = ipaddress.IPv4Network(
-                (int(network.network_address) & 0xFFFFFFFF, network.prefixlen - 96)
-            )
-        networks.append(network)
-    return tuple(networks)
+    return Networks.parse(entries)
 
 
 class _Stream(Protocol):
@@ -309,8 +295,7 @@ class TcpEntrypointFactory(ServerFactory):
             method=b"TCP", host=None, path=b"/", query=b"", headers=Headers(), client_ip=peer
         )
         if self._allowed:
-            address = facts.client_address()
-            if address is None or not any(address in network for network in self._allowed):
+            if not self._allowed.contains(facts.client_address()):
                 _log.debug(
                     "TCP entrypoint {entrypoint}: {peer} is not allowed",
                     entrypoint=self.name,

@@ -24,7 +24,6 @@ matching a request compares bytes and allocates little.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import string
 from typing import (
@@ -37,15 +36,13 @@ from typing import (
     Protocol,
     Sequence,
     Tuple,
-    Union,
 )
 from urllib.parse import parse_qs
 
 import attr
 from twisted.web.http_headers import Headers
 
-_Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
-_Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+from a3s_gateway.addresses import Address, Network, parse_address, parse_network
 
 
 @attr.s(frozen=True, auto_attribs=True, slots=True)
@@ -68,7 +65,7 @@ class RequestFacts:
     _query_params: Optional[Dict[bytes, List[bytes]]] = attr.ib(
         init=False, default=None, eq=False, repr=False
     )
-    _client_address: Optional[_Address] = attr.ib(init=False, default=None, eq=False, repr=False)
+    _client_address: Optional[Address] = attr.ib(init=False, default=None, eq=False, repr=False)
 
     def hostname(self) -> Optional[bytes]:
         """
@@ -92,19 +89,16 @@ class RequestFacts:
             object.__setattr__(self, "_query_params", params)
         return params
 
-    def client_address(self) -> Optional[_Address]:
+    def client_address(self) -> Optional[Address]:
         """
         :attr:`client_ip` parsed; an IPv4-mapped IPv6 address is returned as the IPv4 address it
         stands for. None when the client address is not an IP address.
         """
         address = self._client_address
         if address is None:
-            try:
-                address = ipaddress.ip_address(self.client_ip)
-            except ValueError:
+            address = parse_address(self.client_ip)
+            if address is None:
                 return None
-            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-                address = address.ipv4_mapped
             object.__setattr__(self, "_client_address", address)
         return address
 
@@ -328,7 +322,7 @@ class _QueryRegexp:
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
 class _ClientIP:
-    network: _Network
+    network: Network
 
     def matches(self, facts: RequestFacts) -> bool:
         address = facts.client_address()
@@ -413,19 +407,9 @@ def _build_host(args: Sequence[_Token]) -> Matcher:
 def _build_client_ip(args: Sequence[_Token]) -> Matcher:
     arg = args[0]
     try:
-        network: _Network = ipaddress.ip_network(arg.value, strict=False)
+        network = parse_network(arg.value)
     except ValueError:
         raise RuleError(f"Invalid IP or CIDR '{arg.value}'", arg.start) from None
-    if (
-        isinstance(network, ipaddress.IPv6Network)
-        and network.prefixlen >= 96
-        and network.network_address.ipv4_mapped is not None
-    ):
-        # A ::ffff:a.b.c.d/n network is an IPv4 network in disguise; clients are compared in
-        # their IPv4 form (see RequestFacts.client_address).
-        network = ipaddress.IPv4Network(
-            (int(network.network_address) & 0xFFFFFFFF, network.prefixlen - 96)
-        )
     return _ClientIP(network)
 
 
