@@ -11,9 +11,11 @@ from typing import Any, Dict, List, Optional, Tuple
 from treq.client import HTTPClient
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.interfaces import IReactorTCP
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.resource import IResource
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import NOT_DONE_YET, Request
 
 from a3s_gateway.config import parse_config
 from a3s_gateway.gateway import Gateway
@@ -216,3 +218,65 @@ def tls_request(port: int, payload: bytes, trust_pem: bytes) -> defer.Deferred[b
     factory = protocol.ClientFactory.forProtocol(lambda: _Collect(payload, done))  # type: ignore[arg-type]
     reactor.connectSSL("127.0.0.1", port, factory, options)  # type: ignore[attr-defined]
     return done
+
+
+class HeldResource(Resource):
+    """
+    A backend whose responses the test writes by hand: every request is kept open in
+    C{requests}, C{arrived} fires with the next one, and C{lost} collects the requests whose
+    client (the gateway) went away.
+    """
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        Resource.__init__(self)
+        self.requests: List[Request] = []
+        self.lost: List[Request] = []
+        self.arrived: defer.Deferred[Request] = defer.Deferred()
+
+    def render(self, request: Request) -> object:
+        self.requests.append(request)
+        request.notifyFinish().addErrback(lambda _: self.lost.append(request))
+        arrived, self.arrived = self.arrived, defer.Deferred()
+        arrived.callback(request)
+        return NOT_DONE_YET
+
+
+class ProcessOutput(protocol.ProcessProtocol):
+    """
+    Collects a child process's output (stdout and stderr, in arrival order) and its end.
+
+    @ivar ended: fires with the exit status, or minus the signal that ended the process.
+    """
+
+    def __init__(self) -> None:
+        self.chunks: List[bytes] = []
+        self.ended: defer.Deferred[int] = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Failure) -> None:
+        code = reason.value.exitCode
+        self.ended.callback(code if code is not None else -reason.value.signal)
+
+    @property
+    def output(self) -> bytes:
+        return b"".join(self.chunks)
+
+
+def gateway_config_file(test: TestCase, port: int, url: str, rule: str = "PathPrefix(`/`)") -> str:
+    """
+    Write a configuration with entrypoint C{web} on 127.0.0.1:C{port} and one router (C{rule})
+    to the backend at C{url}, with a 20 s drain; return its absolute path.
+    """
+    import os
+
+    text = simple_config(url).replace("127.0.0.1:0", f"127.0.0.1:{port}")
+    path = os.path.abspath(test.mktemp())
+    with open(path, "w") as f:
+        f.write("shutdown_timeout_secs = 20\n" + text.replace("PathPrefix(`/`)", rule))
+    return path

@@ -6,19 +6,20 @@ sessions, failover, mirroring and the graceful drain, over real loopback sockets
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable, List
+from typing import Callable
 
 from twisted.internet import defer, reactor
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import Request
 
 from a3s_gateway.config import parse_config
 from a3s_gateway.gateway import Gateway
 from a3s_gateway.testing import EchoResource, FailingResource, unused_tcp_port
 from tests.support import (
+    HeldResource,
     backend,
     header,
     json_body,
@@ -65,22 +66,6 @@ services "svc" {{
 }}
 {extra}
 """
-
-
-class _Held(Resource):
-    """
-    Keeps every request open until the test finishes it.
-    """
-
-    isLeaf = True
-
-    def __init__(self) -> None:
-        Resource.__init__(self)
-        self.requests: List[Request] = []
-
-    def render(self, request: Request) -> object:
-        self.requests.append(request)
-        return NOT_DONE_YET
 
 
 class BalancingTests(TestCase):
@@ -268,7 +253,7 @@ class StickyFailoverMirrorTests(TestCase):
         (method, path, body) to the shadow service, whose answer never reaches the client.
         """
         main = backend(self, EchoResource("main"))
-        shadow_resource = _Held()
+        shadow_resource = HeldResource()
         shadow = backend(self, shadow_resource)
         gateway = start_gateway(
             self,
@@ -304,7 +289,7 @@ class DrainTests(TestCase):
         Stopping the gateway stops accepting at once but lets an in-flight request finish;
         the stop completes after it.
         """
-        held = _Held()
+        held = HeldResource()
         server = backend(self, held)
         config = parse_config(_config(f'{{ url = "{server.url}" }}'), "test.hcl")
         gateway = Gateway(config, reactor)
@@ -329,7 +314,7 @@ class DrainTests(TestCase):
         A request still running when ``shutdown_timeout_secs`` passes is cut, and the stop
         completes.
         """
-        held = _Held()
+        held = HeldResource()
         server = backend(self, held)
         config = parse_config(
             "shutdown_timeout_secs = 1\n" + _config(f'{{ url = "{server.url}" }}'), "test.hcl"

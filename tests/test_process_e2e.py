@@ -11,75 +11,30 @@ import sys
 from typing import Any, Dict, List, Optional
 
 from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.error import ConnectError
 from twisted.internet.task import deferLater
-from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
 
 from a3s_gateway.testing import EchoResource, unused_tcp_port
-from tests.support import backend, header, parse_response, raw_request
+from tests.support import (
+    HeldResource,
+    ProcessOutput,
+    backend,
+    gateway_config_file,
+    header,
+    parse_response,
+    raw_request,
+)
 
 BIN = os.path.dirname(sys.executable)
-
-
-class _Process(protocol.ProcessProtocol):
-    def __init__(self) -> None:
-        self.out: List[bytes] = []
-        self.err: List[bytes] = []
-        # The exit status, or minus the signal that ended the process.
-        self.ended: defer.Deferred[int] = defer.Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.out.append(data)
-
-    def errReceived(self, data: bytes) -> None:
-        self.err.append(data)
-
-    def processEnded(self, reason: Failure) -> None:
-        code = reason.value.exitCode
-        self.ended.callback(code if code is not None else -reason.value.signal)
-
-    @property
-    def output(self) -> bytes:
-        return b"".join(self.out) + b"".join(self.err)
-
-
-class _Held(Resource):
-    isLeaf = True
-
-    def __init__(self) -> None:
-        Resource.__init__(self)
-        self.requests: List[Request] = []
-
-    def render(self, request: Request) -> object:
-        self.requests.append(request)
-        return NOT_DONE_YET
-
-
-def _config(port: int, url: str) -> str:
-    return f"""
-shutdown_timeout_secs = 20
-entrypoints "web" {{
-  address = "127.0.0.1:{port}"
-}}
-routers "all" {{
-  rule    = "PathPrefix(`/`)"
-  service = "svc"
-}}
-services "svc" {{
-  load_balancer {{
-    servers = [{{ url = "{url}" }}]
-  }}
-}}
-"""
 
 
 class ProcessTests(TestCase):
     timeout = 60
 
-    def spawn(self, argv: List[str], env: Optional[Dict[str, str]] = None) -> _Process:
-        process = _Process()
+    def spawn(self, argv: List[str], env: Optional[Dict[str, str]] = None) -> ProcessOutput:
+        process = ProcessOutput()
         environment = dict(os.environ)
         environment.update(env or {})
         transport = reactor.spawnProcess(  # type: ignore[attr-defined]
@@ -94,39 +49,38 @@ class ProcessTests(TestCase):
         self.addCleanup(reap)
         return process
 
-    def write(self, text: str) -> str:
-        path = os.path.abspath(self.mktemp())
-        with open(path, "w") as f:
-            f.write(text)
-        return path
-
     @defer.inlineCallbacks
-    def wait_serving(self, port: int, process: _Process) -> Any:
+    def wait_listening(self, port: int, process: ProcessOutput) -> Any:
+        """
+        Wait until the gateway accepts connections on C{port} (it binds before it serves).
+        """
         for _ in range(300):
             if process.ended.called:
                 self.fail(f"gateway exited: {process.output.decode(errors='replace')}")
             try:
-                raw = yield raw_request(
-                    port, b"GET /ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                connection = yield TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(
+                    protocol.Factory.forProtocol(protocol.Protocol)
                 )
-            except Exception:
+            except ConnectError:
                 yield deferLater(reactor, 0.05, lambda: None)
                 continue
-            return raw
+            connection.transport.loseConnection()
+            return
         self.fail("gateway did not start listening")
 
     @defer.inlineCallbacks
-    def drain_on(self, argv: List[str], port: int, held: _Held, sig: int, status: int) -> Any:
+    def drain_on(
+        self, argv: List[str], port: int, held: HeldResource, sig: int, status: int
+    ) -> Any:
         process = self.spawn(argv)
-        yield self.wait_serving(port, process)
+        yield self.wait_listening(port, process)
         pending = raw_request(port, b"GET /slow HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        while len(held.requests) < 2:
-            yield deferLater(reactor, 0.02, lambda: None)
+        request = yield held.arrived
         os.kill(process.transport.pid, sig)  # type: ignore[union-attr]
         yield deferLater(reactor, 0.3, lambda: None)
         self.assertFalse(process.ended.called, "exited before the in-flight request finished")
-        held.requests[1].write(b"done")
-        held.requests[1].finish()
+        request.write(b"done")
+        request.finish()
         raw = yield pending
         self.assertEqual(parse_response(raw)[0], 200)
         code = yield process.ended
@@ -138,20 +92,10 @@ class ProcessTests(TestCase):
         ``twistd -n a3s-gateway --config F`` serves F; SIGTERM lets the in-flight request
         finish, then the process ends.
         """
-        held = _Held()
-
-        # /ready is answered at once so that the start can be detected.
-        def answer_ready(request: Request) -> object:
-            if request.path == b"/ready":
-                return b"ready"
-            held.requests.append(request)
-            return NOT_DONE_YET
-
-        held.requests.append(None)  # type: ignore[arg-type]
-        held.render = answer_ready  # type: ignore[method-assign]
+        held = HeldResource()
         server = backend(self, held)
         port = unused_tcp_port()
-        path = self.write(_config(port, server.url))
+        path = gateway_config_file(self, port, server.url)
         argv = [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "a3s-gateway", "--config", path]
         # twistd ends itself with the signal it received once the reactor has stopped.
         yield self.drain_on(argv, port, held, signal.SIGTERM, -signal.SIGTERM)
@@ -161,19 +105,10 @@ class ProcessTests(TestCase):
         """
         ``a3s-gateway --config F`` serves F; SIGINT drains it the same way and it exits 0.
         """
-        held = _Held()
-
-        def answer_ready(request: Request) -> object:
-            if request.path == b"/ready":
-                return b"ready"
-            held.requests.append(request)
-            return NOT_DONE_YET
-
-        held.requests.append(None)  # type: ignore[arg-type]
-        held.render = answer_ready  # type: ignore[method-assign]
+        held = HeldResource()
         server = backend(self, held)
         port = unused_tcp_port()
-        path = self.write(_config(port, server.url))
+        path = gateway_config_file(self, port, server.url)
         argv = [os.path.join(BIN, "a3s-gateway"), "--config", path]
         yield self.drain_on(argv, port, held, signal.SIGINT, 0)
 
@@ -193,7 +128,7 @@ class ProcessTests(TestCase):
             f"127.0.0.1:{port}",
         ]
         process = self.spawn(argv)
-        yield self.wait_serving(port, process)
+        yield self.wait_listening(port, process)
         seen = set()
         for _ in range(2):
             raw = yield raw_request(
@@ -214,7 +149,7 @@ class ProcessTests(TestCase):
         never listens.
         """
         port = unused_tcp_port()
-        path = self.write(_config(port, "http://127.0.0.1:1").replace("PathPrefix", "Prefix"))
+        path = gateway_config_file(self, port, "http://127.0.0.1:1", rule="Prefix(`/`)")
         for argv in (
             [os.path.join(BIN, "a3s-gateway"), "--config", path],
             [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "a3s-gateway", "--config", path],
@@ -233,7 +168,7 @@ class ProcessTests(TestCase):
         An entrypoint whose port is taken is reported in one line and the process exits 1.
         """
         taken = backend(self, EchoResource("taken"))
-        path = self.write(_config(taken.port, taken.url))
+        path = gateway_config_file(self, taken.port, taken.url)
         for argv in (
             [os.path.join(BIN, "a3s-gateway"), "--config", path],
             [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "a3s-gateway", "--config", path],

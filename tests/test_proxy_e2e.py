@@ -22,6 +22,7 @@ from a3s_gateway.testing import (
     unused_tcp_port,
 )
 from tests.support import (
+    HeldResource,
     backend,
     header,
     json_body,
@@ -31,28 +32,6 @@ from tests.support import (
     simple_config,
     start_gateway,
 )
-
-
-class _Controlled(Resource):
-    """
-    A backend whose responses the test writes by hand: every request is kept open in
-    C{requests} and C{arrived} fires with it.
-    """
-
-    isLeaf = True
-
-    def __init__(self) -> None:
-        Resource.__init__(self)
-        self.requests: List[Request] = []
-        self.lost: List[Request] = []
-        self.arrived: defer.Deferred[Request] = defer.Deferred()
-
-    def render(self, request: Request) -> object:
-        self.requests.append(request)
-        request.notifyFinish().addErrback(lambda _: self.lost.append(request))
-        arrived, self.arrived = self.arrived, defer.Deferred()
-        arrived.callback(request)
-        return NOT_DONE_YET
 
 
 class _RawBackend(protocol.Protocol):
@@ -304,7 +283,7 @@ class ProxyTests(TestCase):
         Each piece the upstream writes reaches the client before the upstream has finished:
         the response is streamed, not buffered, whatever the client's Accept header.
         """
-        controlled = _Controlled()
+        controlled = HeldResource()
         server = backend(self, controlled)
         gateway = start_gateway(self, simple_config(server.url))
         reader = yield _connect(
@@ -334,7 +313,7 @@ class ProxyTests(TestCase):
         A client that leaves mid-request makes the gateway abort its upstream request at once,
         and the backend's active-connection count returns to zero.
         """
-        controlled = _Controlled()
+        controlled = HeldResource()
         server = backend(self, controlled)
         gateway = start_gateway(self, simple_config(server.url))
         reader = yield _connect(port_of(gateway), b"GET /wait HTTP/1.1\r\nHost: x\r\n\r\n")

@@ -17,42 +17,28 @@ from typing import Any, Dict, List, Optional, Set
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.task import deferLater
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.server import NOT_DONE_YET, Request
 
 from a3s_gateway.testing import EchoResource, unused_tcp_port
-from tests.support import backend, parse_response, raw_request
+from tests.support import (
+    ProcessOutput,
+    backend,
+    gateway_config_file,
+    parse_response,
+    raw_request,
+)
 
 BIN = os.path.dirname(sys.executable)
 READY = re.compile(rb"Worker (\d+) \(pid (\d+)\) ready")
 GET = b"GET /ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
 
 
-class _Process(protocol.ProcessProtocol):
-    def __init__(self) -> None:
-        self.out: List[bytes] = []
-        # The exit status, or minus the signal that ended the process.
-        self.ended: defer.Deferred[int] = defer.Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.out.append(data)
-
-    errReceived = outReceived
-
-    def processEnded(self, reason: Failure) -> None:
-        code = reason.value.exitCode
-        self.ended.callback(code if code is not None else -reason.value.signal)
-
-    @property
-    def output(self) -> bytes:
-        return b"".join(self.out)
-
-    def ready_workers(self) -> Dict[int, int]:
-        """
-        The pid of each slot's latest worker that reported ready, from the supervisor's log.
-        """
-        return {int(slot): int(pid) for slot, pid in READY.findall(self.output)}
+def ready_workers(process: ProcessOutput) -> Dict[int, int]:
+    """
+    The pid of each slot's latest worker that reported ready, from the supervisor's log.
+    """
+    return {int(slot): int(pid) for slot, pid in READY.findall(process.output)}
 
 
 class _Held(protocol.Protocol):
@@ -110,24 +96,6 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _config(port: int, url: str) -> str:
-    return f"""
-shutdown_timeout_secs = 20
-entrypoints "web" {{
-  address = "127.0.0.1:{port}"
-}}
-routers "all" {{
-  rule    = "PathPrefix(`/`)"
-  service = "svc"
-}}
-services "svc" {{
-  load_balancer {{
-    servers = [{{ url = "{url}" }}]
-  }}
-}}
-"""
-
-
 class WorkersProcessTests(TestCase):
     timeout = 60
 
@@ -135,8 +103,8 @@ class WorkersProcessTests(TestCase):
         if not os.path.exists("/proc/net/tcp"):
             raise SkipTest("needs Linux's /proc")
 
-    def spawn(self, argv: List[str]) -> _Process:
-        process = _Process()
+    def spawn(self, argv: List[str]) -> ProcessOutput:
+        process = ProcessOutput()
         transport = reactor.spawnProcess(  # type: ignore[attr-defined]
             process, argv[0], argv, env=dict(os.environ)
         )
@@ -156,14 +124,8 @@ class WorkersProcessTests(TestCase):
         self.addCleanup(reap)
         return process
 
-    def write(self, text: str) -> str:
-        path = os.path.abspath(self.mktemp())
-        with open(path, "w") as f:
-            f.write(text)
-        return path
-
     @defer.inlineCallbacks
-    def until(self, process: _Process, condition: Any, what: str) -> Any:
+    def until(self, process: ProcessOutput, condition: Any, what: str) -> Any:
         """
         Poll C{condition} every 50 ms for up to 20 s while C{process} runs.
         """
@@ -182,7 +144,7 @@ class WorkersProcessTests(TestCase):
         return process
 
     def command(self, port: int, url: str, *extra: str) -> List[str]:
-        path = self.write(_config(port, url))
+        path = gateway_config_file(self, port, url)
         return [os.path.join(BIN, "a3s-gateway"), "--config", path, "--workers", "2", *extra]
 
     @defer.inlineCallbacks
@@ -194,7 +156,7 @@ class WorkersProcessTests(TestCase):
         server = backend(self, EchoResource("b"))
         port = unused_tcp_port()
         process = yield self.start(self.command(port, server.url))
-        pids = sorted(process.ready_workers().values())
+        pids = sorted(ready_workers(process).values())
         self.assertEqual(len(pids), 2)
         held: List[_Held] = []
         for _ in range(24):
@@ -221,7 +183,7 @@ class WorkersProcessTests(TestCase):
         server = backend(self, EchoResource("b"))
         port = unused_tcp_port()
         process = yield self.start(self.command(port, server.url))
-        before = process.ready_workers()
+        before = ready_workers(process)
         os.kill(before[0], signal.SIGKILL)
         # Connections the kernel queued on the dying worker's socket are lost with it; once
         # the supervisor has seen it die, only the other worker accepts.
@@ -230,10 +192,8 @@ class WorkersProcessTests(TestCase):
         for _ in range(5):
             raw = yield raw_request(port, GET)
             self.assertEqual(parse_response(raw)[0], 200)
-        yield self.until(
-            process, lambda: process.ready_workers()[0] != before[0], "the replacement"
-        )
-        after = process.ready_workers()
+        yield self.until(process, lambda: ready_workers(process)[0] != before[0], "the replacement")
+        after = ready_workers(process)
         self.assertEqual(after[1], before[1])
         self.assertTrue(_alive(after[0]))
         for _ in range(10):
@@ -258,7 +218,7 @@ class WorkersProcessTests(TestCase):
         server = backend(self, Slow("b"))
         port = unused_tcp_port()
         process = yield self.start(self.command(port, server.url))
-        pids = list(process.ready_workers().values())
+        pids = list(ready_workers(process).values())
         pending = raw_request(port, b"GET /slow HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         while not requests:
             yield deferLater(reactor, 0.02, lambda: None)
@@ -282,10 +242,10 @@ class WorkersProcessTests(TestCase):
         """
         server = backend(self, EchoResource("b"))
         port = unused_tcp_port()
-        path = self.write(_config(port, server.url))
+        path = gateway_config_file(self, port, server.url)
         argv = [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "a3s-gateway"]
         process = yield self.start([*argv, "--config", path, "--workers", "2"])
-        pids = list(process.ready_workers().values())
+        pids = list(ready_workers(process).values())
         raw = yield raw_request(port, GET)
         self.assertEqual(parse_response(raw)[0], 200)
         process.transport.signalProcess("TERM")  # type: ignore[union-attr]
