@@ -145,7 +145,7 @@ class _Observability:
             metrics = self.metrics = GatewayMetrics(gateway, reactor)
             self.admin = AdminResource(
                 gateway,
-                lambda: (metrics.exposition(), metrics.content_type.encode("ascii")),
+                metrics.scrape,
                 reactor,
                 total_requests=lambda: metrics.requests,
             )

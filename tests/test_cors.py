@@ -16,7 +16,7 @@ from twisted.web.resource import Resource
 
 from a3s_gateway.config.schema import MiddlewareConfig
 from a3s_gateway.middleware.base import BuildContext, Middleware, Reply, RequestContext
-from a3s_gateway.middleware.cors import add_vary, build
+from a3s_gateway.middleware.cors import build
 from a3s_gateway.router.rule import RequestFacts
 
 SITE = "https://app.example"
@@ -260,23 +260,3 @@ class ResponseTests(SynchronousTestCase):
         ctx.headers.removeHeader(b"origin")
         headers = _respond(middleware, ctx)
         self.assertEqual(headers.getRawHeaders(b"access-control-allow-origin"), [SITE.encode()])
-
-
-class VaryTests(SynchronousTestCase):
-    def test_add_vary(self) -> None:
-        """
-        L{add_vary} adds a token once, case-insensitively, joins repeated Vary headers, and
-        leaves ``Vary: *`` alone.
-        """
-        headers = Headers()
-        add_vary(headers, b"Origin")
-        self.assertEqual(headers.getRawHeaders(b"vary"), [b"Origin"])
-        headers = Headers({b"Vary": [b"accept, origin"]})
-        add_vary(headers, b"Origin")
-        self.assertEqual(headers.getRawHeaders(b"vary"), [b"accept, origin"])
-        headers = Headers({b"Vary": [b"A", b"B"]})
-        add_vary(headers, b"Origin")
-        self.assertEqual(headers.getRawHeaders(b"vary"), [b"A, B, Origin"])
-        headers = Headers({b"Vary": [b"*"]})
-        add_vary(headers, b"Origin")
-        self.assertEqual(headers.getRawHeaders(b"vary"), [b"*"])

@@ -10,6 +10,7 @@ from twisted.web.http_headers import Headers
 from a3s_gateway.addresses import Networks
 from a3s_gateway.proxy.headers import (
     TrustedProxies,
+    add_vary,
     connection_tokens,
     forward_request_headers,
     response_headers,
@@ -196,3 +197,23 @@ class ResponseHeadersTests(SynchronousTestCase):
         """
         raw = [(b"Content-Length", b"10")]
         self.assertEqual(response_headers(raw, keep_length=True), raw)
+
+
+class AddVaryTests(SynchronousTestCase):
+    def test_add_vary(self) -> None:
+        """
+        L{add_vary} adds a token once, case-insensitively, joins repeated Vary headers, and
+        leaves ``Vary: *`` alone.
+        """
+        headers = Headers()
+        add_vary(headers, b"Origin")
+        self.assertEqual(headers.getRawHeaders(b"vary"), [b"Origin"])
+        headers = Headers({b"Vary": [b"accept, origin"]})
+        add_vary(headers, b"Origin")
+        self.assertEqual(headers.getRawHeaders(b"vary"), [b"accept, origin"])
+        headers = Headers({b"Vary": [b"A", b"B"]})
+        add_vary(headers, b"Origin")
+        self.assertEqual(headers.getRawHeaders(b"vary"), [b"A, B, Origin"])
+        headers = Headers({b"Vary": [b"*"]})
+        add_vary(headers, b"Origin")
+        self.assertEqual(headers.getRawHeaders(b"vary"), [b"*"])

@@ -38,7 +38,7 @@ from a3s_gateway.middleware.base import (
     RequestContext,
     RequestResult,
 )
-from a3s_gateway.middleware.cors import add_vary
+from a3s_gateway.proxy.headers import add_vary
 
 DEFAULT_MIN_BYTES = 1024
 GZIP_LEVEL = 6

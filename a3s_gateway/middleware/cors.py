@@ -26,6 +26,7 @@ from a3s_gateway.middleware.base import (
     RequestResult,
     json_reply,
 )
+from a3s_gateway.proxy.headers import add_vary
 
 DEFAULT_ORIGINS = ("*",)
 DEFAULT_METHODS = ("GET", "POST", "PUT", "DELETE", "OPTIONS")
@@ -44,19 +45,6 @@ def _single(headers: Headers, name: bytes) -> Optional[bytes]:
     if values is None or len(values) != 1:
         return None
     return values[0].strip()
-
-
-def add_vary(headers: Headers, token: bytes) -> None:
-    """
-    Add C{token} to the response's ``Vary`` unless it (or ``*``) is already listed; existing
-    values are kept and joined into one header.
-    """
-    existing = headers.getRawHeaders(b"vary") or []
-    listed = {item.strip().lower() for value in existing for item in value.split(b",")}
-    if token.lower() in listed or b"*" in listed:
-        return
-    kept = [value for value in existing if value.strip()]
-    headers.setRawHeaders(b"Vary", [b", ".join([*kept, token])])
 
 
 class Cors(Middleware):

@@ -17,7 +17,6 @@ from a3s_gateway.proxy.upstream import UpstreamError, UpstreamTimeout
 
 NO_ROUTE = "No route matched"
 INTERNAL_ERROR = "Internal server error"
-NO_BACKEND = "No healthy backends"
 BODY_TOO_LARGE = "Request body too large"
 WEBSOCKET_UNSUPPORTED = "WebSocket upgrade is not supported"
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 import attr
+from twisted.web.http_headers import Headers
 
 from a3s_gateway.addresses import Networks, parse_address
 
@@ -160,3 +161,16 @@ def response_headers(raw: Sequence[Tuple[bytes, bytes]], keep_length: bool) -> R
     if keep_length:
         drop = drop - {b"content-length"}
     return [(name, value) for name, value in raw if name.lower() not in drop]
+
+
+def add_vary(headers: Headers, token: bytes) -> None:
+    """
+    Add C{token} to the response's ``Vary`` unless it (or ``*``) is already listed; existing
+    values are kept and joined into one header.
+    """
+    existing = headers.getRawHeaders(b"vary") or []
+    listed = {item.strip().lower() for value in existing for item in value.split(b",")}
+    if token.lower() in listed or b"*" in listed:
+        return
+    kept = [value for value in existing if value.strip()]
+    headers.setRawHeaders(b"Vary", [b", ".join([*kept, token])])
