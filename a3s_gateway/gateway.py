@@ -16,7 +16,6 @@ from typing import Any, Callable, Dict, List, Optional
 
 from twisted.application.service import MultiService
 from twisted.internet import defer
-from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -39,6 +38,7 @@ from a3s_gateway.proxy.udp import UdpEntrypoint
 from a3s_gateway.proxy.upstream import UpstreamPool
 from a3s_gateway.router.table import RouteTable
 from a3s_gateway.service.registry import ServiceRegistry
+from a3s_gateway.transport import TCPServerEndpoint
 
 
 def _interface(host: str) -> str:
@@ -109,17 +109,10 @@ def server_endpoint(
     that sets C{SO_REUSEPORT}, so that every worker process can bind the same port.
     """
     host, port = parse_address(entrypoint.address)
-    interface = _interface(host)
     tls = _tls_options(entrypoint.tls) if entrypoint.tls is not None else None
-    if reuse_port:
-        from a3s_gateway.workers import ReusePortEndpoint
-
-        return ReusePortEndpoint(reactor, port, interface, backlog=1024, tls_options=tls)
-    if tls is not None:
-        return SSL4ServerEndpoint(reactor, port, tls, backlog=1024, interface=interface)
-    if ":" in interface:
-        return TCP6ServerEndpoint(reactor, port, backlog=1024, interface=interface)
-    return TCP4ServerEndpoint(reactor, port, backlog=1024, interface=interface)
+    return TCPServerEndpoint(
+        reactor, port, _interface(host), backlog=1024, tls_options=tls, reuse_port=reuse_port
+    )
 
 
 class _Observability:

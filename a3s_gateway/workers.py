@@ -5,10 +5,11 @@ plugin, and for embedders that want the same process model.
 
 With N > 1 the process that was started becomes a L{WorkerSupervisor}: it runs N copies of
 ``python -m a3s_gateway.cli --config F --worker-of <supervisor pid>``, each a complete gateway
-binding every HTTP/TCP entrypoint with C{SO_REUSEPORT} (L{ReusePortEndpoint}), so the kernel
-spreads new connections over them. The supervisor restarts a worker that dies (with a backoff
-and a bound on restarts per minute) and, when it is stopped, sends SIGTERM to every worker and
-waits while each drains its own connections.
+binding every HTTP/TCP entrypoint with C{SO_REUSEPORT}
+(L{a3s_gateway.transport.TCPServerEndpoint}), so the kernel spreads new connections over them.
+The supervisor restarts a worker that dies (with a backoff and a bound on restarts per minute)
+and, when it is stopped, sends SIGTERM to every worker and waits while each drains its own
+connections.
 
 Everything a gateway keeps in memory (health-check results, passive health, circuit breakers,
 in-memory rate limits, sticky-session state, metrics and the admin API's statistics) is per
@@ -20,74 +21,23 @@ from __future__ import annotations
 import collections
 import os
 import signal
-import socket
 from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence
 
 import attr
 from twisted.application.service import Service
-from twisted.internet import defer, error, protocol, tcp
+from twisted.internet import defer, error, protocol
 from twisted.internet.interfaces import (
     IDelayedCall,
-    IListeningPort,
-    IProtocolFactory,
-    IStreamServerEndpoint,
 )
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 # The pipe a worker reports readiness on: the supervisor reads it, the worker writes one line
 # once every entrypoint is bound and its services have started.
 READY_FD = 3
 READY_LINE = b"ready\n"
 MAX_WORKERS = 64
-
-
-class _ReusePort(tcp.Port):
-    """
-    A TCP port whose socket sets C{SO_REUSEPORT} before binding (Twisted 26.10 has a
-    C{makeBinding(..., reusePort=True)} for this; overriding C{createInternetSocket}, as
-    magic-wormhole's C{_workaround_9101} does, also works on the older Twisted releases PyPy
-    runs).
-    """
-
-    def createInternetSocket(self) -> socket.socket:
-        s: socket.socket = tcp.Port.createInternetSocket(self)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        return s
-
-
-@implementer(IStreamServerEndpoint)
-@attr.s(frozen=True, auto_attribs=True)
-class ReusePortEndpoint:
-    """
-    A TCP (or, with C{tls_options}, TLS) server endpoint whose port other sockets with
-    C{SO_REUSEPORT} (the other workers) may bind too. IPv6 when C{interface} is an IPv6 literal.
-    """
-
-    reactor: Any
-    port: int
-    interface: str = ""
-    backlog: int = 1024
-    tls_options: Optional[Any] = None
-
-    def listen(self, factory: IProtocolFactory) -> defer.Deferred[IListeningPort]:
-        """
-        Bind and listen now; a bind error fails the returned Deferred at once.
-        """
-        if self.tls_options is not None:
-            factory = TLSMemoryBIOFactory(self.tls_options, False, factory)
-        port = _ReusePort(self.port, factory, self.backlog, self.interface, self.reactor)
-        if self.tls_options is not None:
-            port._type = "TLS"
-
-        def start() -> IListeningPort:
-            port.startListening()
-            return port
-
-        return defer.execute(start)
 
 
 def worker_argv(

@@ -1,38 +1,28 @@
 """
-Tests for L{a3s_gateway.workers}: the C{SO_REUSEPORT} endpoint, the worker command line, the
-supervisor (spawning, readiness, restarts with backoff and a per-minute bound, stopping) over a
-fake process reactor, and the worker-side helpers.
+Tests for L{a3s_gateway.workers}: the worker command line, the supervisor (spawning, readiness,
+restarts with backoff and a per-minute bound, stopping) over a fake process reactor, and the
+worker-side helpers.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from twisted.internet import reactor
-from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.error import (
-    CannotListenError,
     ProcessDone,
     ProcessExitedAlready,
     ProcessTerminated,
     ReactorNotRunning,
 )
-from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase
 
-from a3s_gateway.config.schema import EntrypointConfig
-from a3s_gateway.gateway import server_endpoint
-from a3s_gateway.testing import unused_tcp_port
 from a3s_gateway.workers import (
     READY_FD,
     READY_LINE,
     RestartPolicy,
-    ReusePortEndpoint,
     WorkerSupervisor,
     announce_ready,
     watch_supervisor,
@@ -326,58 +316,3 @@ class WorkerSideTests(SynchronousTestCase):
         announce_ready(write)
         self.assertEqual(os.read(read, 100), READY_LINE)
         self.assertEqual(os.read(read, 100), b"")
-
-
-class ServerEndpointTests(SynchronousTestCase):
-    def test_default(self) -> None:
-        """
-        Without C{reuse_port} an entrypoint gets Twisted's plain TCP endpoint.
-        """
-        endpoint = server_endpoint(reactor, EntrypointConfig("web", "127.0.0.1:8080"))
-        self.assertIsInstance(endpoint, TCP4ServerEndpoint)
-
-    def test_reuse_port(self) -> None:
-        """
-        With C{reuse_port} the endpoint sets C{SO_REUSEPORT}, on the entrypoint's interface.
-        """
-        endpoint = server_endpoint(reactor, EntrypointConfig("web", "[::1]:8080"), True)
-        self.assertEqual(
-            endpoint, ReusePortEndpoint(reactor, 8080, "::1", backlog=1024, tls_options=None)
-        )
-
-
-class ReusePortTests(TestCase):
-    def listen(self, endpoint: Any, factory: Any) -> Any:
-        port = self.successResultOf(endpoint.listen(factory))
-        self.addCleanup(port.stopListening)
-        return port
-
-    def test_two_ports_share(self) -> None:
-        """
-        Two sockets with C{SO_REUSEPORT} bind one port (as two workers do), while a plain
-        bind of that port is refused.
-        """
-        number = unused_tcp_port()
-        factory = Factory.forProtocol(Protocol)
-        first = self.listen(ReusePortEndpoint(reactor, number, "127.0.0.1"), factory)
-        second = self.listen(ReusePortEndpoint(reactor, number, "127.0.0.1"), factory)
-        self.assertEqual(first.getHost().port, second.getHost().port)
-        for port in (first, second):
-            self.assertEqual(port.socket.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT), 1)
-        self.failureResultOf(
-            TCP4ServerEndpoint(reactor, number, interface="127.0.0.1").listen(factory),
-            CannotListenError,
-        )
-
-    def test_tls(self) -> None:
-        """
-        With TLS options the factory is wrapped in Twisted's TLS protocol factory.
-        """
-        from twisted.internet.ssl import CertificateOptions
-
-        factory = Factory.forProtocol(Protocol)
-        port = self.listen(
-            ReusePortEndpoint(reactor, 0, "127.0.0.1", tls_options=CertificateOptions()), factory
-        )
-        self.assertIsInstance(port.factory, TLSMemoryBIOFactory)
-        self.assertIs(port.factory.wrappedFactory, factory)

@@ -35,6 +35,7 @@ from a3s_gateway.router.rule import RequestFacts
 from a3s_gateway.router.table import RouteTable
 from a3s_gateway.service.backend import Backend
 from a3s_gateway.service.registry import Service
+from a3s_gateway.transport import connect_tcp
 
 _log = Logger()
 
@@ -180,7 +181,8 @@ class _Session:
         self.factory._session_started(self)
         cast(_Stream, self.client.stream).pauseProducing()
         backend = self.backend
-        self.connector = self.factory.reactor.connectTCP(
+        self.connector = connect_tcp(
+            self.factory.reactor,
             backend.host,
             backend.port,
             _UpstreamConnector(self),

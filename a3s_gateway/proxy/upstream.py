@@ -31,6 +31,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from a3s_gateway.transport import connect_tcp
+
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IAddress, IDelayedCall, IProtocolFactory
     from twisted.web.iweb import IPolicyForHTTPS
@@ -1123,7 +1125,7 @@ class UpstreamPool:
         # handshake too), so the reactor is not given one.
         if isIPAddress(host) or isIPv6Address(host):
             # No resolver (and no thread) for addresses, and no endpoint Deferreds.
-            conn._connector = self._reactor.connectTCP(host, port, factory, timeout=None)
+            conn._connector = connect_tcp(self._reactor, host, port, factory, timeout=None)
         else:
             endpoint = HostnameEndpoint(self._reactor, host, port, timeout=_NO_TIMEOUT)
             connecting = conn._connecting = endpoint.connect(factory)
