@@ -35,12 +35,17 @@ DEFAULT_HEADER = "X-API-Key"
 _REJECTED = json_reply(401, "Invalid or missing API key")
 
 
+# Tab, space and visible ASCII: what the reference's ``HeaderValue::to_str`` accepts.
+_VISIBLE = bytes([0x09, *range(0x20, 0x7F)])
+
+
 def visible_ascii(value: bytes) -> bool:
     """
     Whether C{value} holds only visible ASCII, space and tab: what the reference's
     ``HeaderValue::to_str`` accepts.
     """
-    return all(byte == 0x09 or 0x20 <= byte < 0x7F for byte in value)
+    # Deleting every accepted byte leaves nothing: one C-level pass, not a loop per byte.
+    return not value.translate(None, _VISIBLE)
 
 
 class ApiKey(Middleware):
