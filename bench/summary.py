@@ -49,8 +49,8 @@ MEASURES = [
         ("chain",),
         ">= 0.85x gateway (cost <= 15%)",
         lambda r: r >= 0.85,
-        lambda r: r < 0.7,
-        "cost > 30%",
+        lambda r: r < 0.425,
+        "< 0.425x gateway",
     ),
     Measure(
         "throughput_rps",
