@@ -175,6 +175,30 @@ class ProxyTests(TestCase):
             self.assertNotIn(name, names)
 
     @defer.inlineCallbacks
+    def test_close_announced(self) -> None:
+        """
+        A client that asks to close gets C{Connection: close} on the proxied response (the
+        upstream's own headers replace the response's, and the close must still be said), and
+        then the connection closes; a plain HTTP/1.1 request on the same gateway gets none.
+        """
+        echo = backend(self, EchoResource("echo"))
+        gateway = start_gateway(self, simple_config(echo.url))
+        raw = yield raw_request(
+            port_of(gateway), b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Close\r\n\r\n"
+        )
+        status, headers, _body = parse_response(raw)
+        self.assertEqual(status, 200)
+        self.assertIn((b"Connection", b"close"), headers)
+        held = yield raw_request(
+            port_of(gateway),
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        first, _, second = held.partition(b"HTTP/1.1 200")[2].partition(b"HTTP/1.1 200")
+        self.assertNotIn(b"Connection: close", first)
+        self.assertIn(b"Connection: close", second)
+
+    @defer.inlineCallbacks
     def test_hop_by_hop_response_headers_removed(self) -> None:
         """
         The upstream's hop-by-hop headers, including those its Connection header names, are not

@@ -189,10 +189,17 @@ class GatewayChannel(http.HTTPChannel):
         # twisted.web splits Connection on spaces, so "close, X-Private" would keep the
         # connection open; the header is a comma-separated token list.
         if b"close" in connection_tokens(request.requestHeaders.getRawHeaders(b"connection")):
-            request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
             return False
         persistent: bool = super().checkPersistence(request, version)
         return persistent
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        # An HTTP/1.1 connection that closes after this response says so (RFC 9112 9.6).
+        # twisted.web sets the header when it decides, before rendering; a proxied answer
+        # replaces the response headers with the upstream's, so it is added here, last.
+        if not self.persistent and version == b"HTTP/1.1":
+            headers.setRawHeaders(b"Connection", [b"close"])
+        super().writeHeaders(version, code, reason, headers)
 
     def lineLengthExceeded(self, line: bytes) -> None:
         # One line longer than MAX_LENGTH: LineReceiver would drop the connection silently.
