@@ -57,7 +57,10 @@ class TurnFlusher:
     def queue(self, transport: _TurnFlushing) -> None:
         """Send C{transport}'s buffer at the end of this turn."""
         self._queued.append(transport)
-        if self._call is None:
+        call = self._call
+        # A call cancelled by someone else (trial does so with the calls a test left pending)
+        # must not leave every later write waiting.
+        if call is None or not call.active():
             self._call = self._reactor.callLater(0, self.flush)
 
     def flush(self) -> None:
@@ -78,7 +81,7 @@ class TurnFlusher:
                 continue
             try:
                 result = transport.doWrite()
-            except BaseException:
+            except Exception:
                 # As the reactor does with a handler that raises: log, then drop the connection.
                 failure = Failure()
                 _log.failure("sending on {transport}", failure, transport=transport)
@@ -107,13 +110,17 @@ class _TurnFlushing(tcp.Connection):
     """
 
     _flush_queued = False
+    _flusher: Optional[TurnFlusher] = None
 
     def startWriting(self) -> None:
         if not self.connected or self.disconnecting or self._writeDisconnecting:
             FileDescriptor.startWriting(self)
         elif not self._flush_queued:
             self._flush_queued = True
-            flusher_for(self.reactor).queue(self)
+            flusher = self._flusher
+            if flusher is None:
+                flusher = self._flusher = flusher_for(self.reactor)
+            flusher.queue(self)
 
 
 class Server(_TurnFlushing, tcp.Server):

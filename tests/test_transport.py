@@ -122,6 +122,9 @@ class _FailingPullProducer:
 
 
 class TurnFlushTests(TestCase):
+    # A write that is never sent shows as a hang: fail it in seconds, not trial's two minutes.
+    timeout = 15
+
     @defer.inlineCallbacks
     def pair(self, half_closing: bool = False) -> Any:
         """A L{Server} and a L{Client} connected over loopback: (server peer, client peer)."""
@@ -255,6 +258,23 @@ class TurnFlushTests(TestCase):
         self.assertEqual(len(reactor.getDelayedCalls()), before + 1)
         self.assertEqual((yield first_client.received_at_least(2)), b"ac")
         self.assertEqual((yield second_client.received_at_least(1)), b"b")
+
+    @defer.inlineCallbacks
+    def test_cancelled_flush_call(self) -> None:
+        """
+        When the pending flush call is cancelled from outside (trial cancels the calls a test
+        left pending), the next write schedules a new one and everything queued is sent.
+        """
+        server, client = yield self.pair()
+        server.transport.write(b"first ")
+        flusher = flusher_for(reactor)
+        call = flusher._call
+        assert call is not None
+        call.cancel()
+        server.transport.write(b"lost? ")
+        client.transport.write(b"nudge")
+        self.assertEqual((yield server.received_at_least(5)), b"nudge")
+        self.assertEqual((yield client.received_at_least(12)), b"first lost? ")
 
     def test_one_flusher_per_reactor(self) -> None:
         """Each reactor has its own flusher."""
