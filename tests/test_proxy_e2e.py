@@ -189,12 +189,12 @@ class ProxyTests(TestCase):
         status, headers, _body = parse_response(raw)
         self.assertEqual(status, 200)
         self.assertIn((b"Connection", b"close"), headers)
-        held = yield raw_request(
+        pipelined = yield raw_request(
             port_of(gateway),
             b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
             b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
         )
-        first, _, second = held.partition(b"HTTP/1.1 200")[2].partition(b"HTTP/1.1 200")
+        first, _, second = pipelined.partition(b"HTTP/1.1 200")[2].partition(b"HTTP/1.1 200")
         self.assertNotIn(b"Connection: close", first)
         self.assertIn(b"Connection: close", second)
 
