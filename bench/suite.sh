@@ -12,7 +12,7 @@
 #
 # usage: bench/suite.sh [--quick]
 #   --quick      brief run for CI: 3 s throughput, 2 s latency, 200 SSE streams, 10 s slow
-#                client, 2,000 idle connections (about 2.5 minutes on 2 cores)
+#                client, 2,000 idle connections (about 3 minutes on 2 cores)
 #   PY=python    CPython (or any interpreter) with a3s-gateway's dependencies (default python3)
 #   PYPY=pypy    when set, every measure is repeated with the Python rows on it ("(PyPy)" rows)
 #   BENCH_RESULTS=file   keep the raw RESULT lines there (default: a temporary file)
