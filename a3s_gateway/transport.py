@@ -32,6 +32,9 @@ from twisted.internet.interfaces import (
     IDelayedCall,
     IListeningPort,
     IProtocolFactory,
+    IReactorPluggableNameResolver,
+    IReactorTCP,
+    IReactorTime,
     IStreamServerEndpoint,
 )
 from twisted.internet.posixbase import PosixReactorBase
@@ -163,19 +166,64 @@ def _flushes(reactor: Any) -> bool:
 
 
 def connect_tcp(
-    reactor: Any, host: str, port: int, factory: Any, timeout: Optional[float] = 30
+    reactor: Any,
+    host: str,
+    port: int,
+    factory: Any,
+    timeout: Optional[float] = 30,
+    bindAddress: Optional[Any] = None,
 ) -> IConnector:
     """
-    Connect to C{host} (an IP literal) and C{port} as C{reactor.connectTCP} does, with a
-    L{Client} transport where the reactor allows.
+    Connect to C{host} and C{port} as C{reactor.connectTCP} does, with a L{Client} transport
+    where the reactor allows.
     """
     if not _flushes(reactor):
-        connector: IConnector = reactor.connectTCP(host, port, factory, timeout=timeout)
+        connector: IConnector = reactor.connectTCP(
+            host, port, factory, timeout=timeout, bindAddress=bindAddress
+        )
         return connector
     # None (no reactor timeout) is accepted at run time, as by connectTCP; the stubs say float.
-    made = Connector(host, port, factory, timeout, None, reactor)  # type: ignore[arg-type]
+    made = Connector(host, port, factory, timeout, bindAddress, reactor)  # type: ignore[arg-type]
     made.connect()
     return made
+
+
+@implementer(IReactorTCP, IReactorTime, IReactorPluggableNameResolver)
+class _ClientConnects:
+    """
+    A reactor as seen by an endpoint that connects through the reactor it is given (Twisted's
+    C{HostnameEndpoint}): its C{connectTCP} makes L{Client} transports; everything else (timers,
+    the name resolver) is the reactor's own.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+
+    def connectTCP(
+        self,
+        host: str,
+        port: int,
+        factory: Any,
+        timeout: Optional[float] = 30,
+        bindAddress: Optional[Any] = None,
+    ) -> IConnector:
+        return connect_tcp(self._reactor, host, port, factory, timeout, bindAddress)
+
+    def __getattr__(self, name: str) -> Any:
+        # Never the reactor's special attributes (zope.interface reads __provides__ this way):
+        # this view declares its own interfaces.
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self._reactor, name)
+
+
+def client_connects(reactor: Any) -> Any:
+    """
+    C{reactor}, or where it allows, a view of it whose C{connectTCP} makes L{Client} transports:
+    for Twisted's client endpoints (C{HostnameEndpoint} resolves a name, then connects to each
+    address through the reactor it was given).
+    """
+    return _ClientConnects(reactor) if _flushes(reactor) else reactor
 
 
 @implementer(IStreamServerEndpoint)

@@ -175,6 +175,21 @@ class ProxyTests(TestCase):
             self.assertNotIn(name, names)
 
     @defer.inlineCallbacks
+    def test_backend_by_host_name(self) -> None:
+        """
+        A backend named by host name (``localhost``) is resolved and proxied to like one named
+        by address.
+        """
+        echo = backend(self, EchoResource("echo"))
+        gateway = start_gateway(self, simple_config(f"http://localhost:{echo.port}"))
+        raw = yield raw_request(
+            port_of(gateway), b"GET /named HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        status, _headers, body = parse_response(raw)
+        self.assertEqual(status, 200)
+        self.assertEqual(json_body(body)["path"], "/named")
+
+    @defer.inlineCallbacks
     def test_close_announced(self) -> None:
         """
         A client that asks to close gets C{Connection: close} on the proxied response (the

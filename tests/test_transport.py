@@ -11,7 +11,7 @@ import socket
 from typing import Any, List, Optional
 
 from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ServerEndpoint
 from twisted.internet.error import CannotListenError, ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
@@ -27,6 +27,7 @@ from a3s_gateway.transport import (
     Client,
     Server,
     TCPServerEndpoint,
+    client_connects,
     connect_tcp,
     flusher_for,
 )
@@ -282,7 +283,35 @@ class TurnFlushTests(TestCase):
         self.assertIsNot(flusher_for(reactor), flusher_for(MemoryReactorClock()))
 
 
+class HostnameTests(TestCase):
+    timeout = 15
+
+    @defer.inlineCallbacks
+    def test_hostname_endpoint_gets_client_transport(self) -> None:
+        """
+        Twisted's C{HostnameEndpoint} given the L{client_connects} view resolves the name with
+        the reactor's resolver, then connects with a L{Client} transport, whose turn's writes
+        are sent like any other.
+        """
+        servers = _PeerFactory()
+        port = yield TCPServerEndpoint(reactor, 0, "127.0.0.1").listen(servers)
+        self.addCleanup(port.stopListening)
+        endpoint = HostnameEndpoint(client_connects(reactor), "localhost", port.getHost().port)
+        client = yield endpoint.connect(_PeerFactory())
+        self.addCleanup(client.transport.loseConnection)
+        self.assertIsInstance(client.transport, Client)
+        client.transport.write(b"by name")
+        while not servers.peers:
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual((yield servers.peers[0].received_at_least(7)), b"by name")
+
+
 class FallbackTests(SynchronousTestCase):
+    def test_client_connects_on_fake_reactor(self) -> None:
+        """A reactor without file descriptors is used as it is by endpoints."""
+        fake = MemoryReactorClock()
+        self.assertIs(client_connects(fake), fake)
+
     def test_connect_on_fake_reactor(self) -> None:
         """
         A reactor without file descriptors (a test fake) is asked to connect the usual way.

@@ -31,7 +31,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from a3s_gateway.transport import connect_tcp
+from a3s_gateway.transport import client_connects, connect_tcp
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IAddress, IDelayedCall, IProtocolFactory
@@ -1127,7 +1127,9 @@ class UpstreamPool:
             # No resolver (and no thread) for addresses, and no endpoint Deferreds.
             conn._connector = connect_tcp(self._reactor, host, port, factory, timeout=None)
         else:
-            endpoint = HostnameEndpoint(self._reactor, host, port, timeout=_NO_TIMEOUT)
+            endpoint = HostnameEndpoint(
+                client_connects(self._reactor), host, port, timeout=_NO_TIMEOUT
+            )
             connecting = conn._connecting = endpoint.connect(factory)
             connecting.addErrback(conn._connect_failed)
 
