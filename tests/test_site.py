@@ -9,7 +9,9 @@ import json
 from typing import List
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -175,6 +177,78 @@ class SiteTests(SynchronousTestCase):
         Draining a site with no connections is done at once.
         """
         self.successResultOf(self.site.drain())
+
+
+class IdleTimeoutTests(SynchronousTestCase):
+    """
+    The site's idle timeout: one armed reactor call per connection, suspended while a request
+    is served and moved (not replaced) afterwards.
+    """
+
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.resource = _Recorder()
+        self.site = GatewaySite(self.resource, self.clock, max_request_body_bytes=10, timeout=30)
+
+    def connect(self) -> tuple[GatewayChannel, StringTransport]:
+        channel = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        return channel, transport
+
+    def test_idle_connection_closed(self) -> None:
+        """
+        A connection that sends nothing for the timeout is closed; one that sends keeps it off.
+        """
+        _channel, quiet = self.connect()
+        talking_channel, talking = self.connect()
+        self.clock.advance(20)
+        talking_channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.clock.advance(11)
+        self.assertTrue(quiet.disconnecting)
+        self.assertFalse(talking.disconnecting)
+        self.clock.advance(20)
+        self.assertTrue(talking.disconnecting)
+
+    def test_slow_answer_not_cut(self) -> None:
+        """
+        A request answered after more than the timeout keeps its connection; the timeout runs
+        again, in full, from the answer.
+        """
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET /hold HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.clock.advance(100)
+        self.assertFalse(transport.disconnecting)
+        held = self.resource.held.pop()
+        held.write(b"late")
+        held.finish()
+        self.clock.advance(29)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(2)
+        self.assertTrue(transport.disconnecting)
+
+    def test_one_call_per_connection(self) -> None:
+        """
+        Requests on a connection reuse its one timeout call instead of adding a call each.
+        """
+        channel, transport = self.connect()
+        armed = list(self.clock.getDelayedCalls())
+        for _ in range(5):
+            channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(transport.value().count(b"200 OK"), 5)
+        self.assertEqual(self.clock.getDelayedCalls(), armed)
+        self.assertEqual(len(armed), 1)
+
+    def test_closed_connection_leaves_no_call(self) -> None:
+        """
+        A connection that closes cancels its timeout call, busy or idle.
+        """
+        idle, _ = self.connect()
+        busy, _ = self.connect()
+        busy.dataReceived(b"GET /hold HTTP/1.1\r\nHost: x\r\n\r\n")
+        idle.connectionLost(Failure(ConnectionDone()))
+        busy.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
 class ObserverTests(SynchronousTestCase):

@@ -186,6 +186,40 @@ class TurnFlushTests(TestCase):
         self.assertNotIn(server.transport, reactor.getWriters())
 
     @defer.inlineCallbacks
+    def test_partial_send_of_a_small_write(self) -> None:
+        """
+        A write smaller than Twisted sends at once that the kernel takes only in part: the
+        rest waits for writability, the producer is paused, and everything arrives in order.
+        """
+        server, client = yield self.pair()
+        server.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        client.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        producer = _Producer()
+        server.transport.registerProducer(producer, True)
+        client.transport.pauseProducing()
+        block = bytes(range(256)) * 400
+        self.assertLess(len(block), server.transport.SEND_LIMIT)
+        server.transport.write(block)
+        yield deferLater(reactor, 0.05, lambda: None)
+        self.assertIn(server.transport, reactor.getWriters())
+        self.assertEqual(producer.events, ["pause"])
+        client.transport.resumeProducing()
+        got = yield client.received_at_least(len(block))
+        self.assertEqual(got, block)
+        yield deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(producer.events, ["pause", "resume"])
+        self.assertNotIn(server.transport, reactor.getWriters())
+
+    @defer.inlineCallbacks
+    def test_text_refused(self) -> None:
+        """
+        Writing text instead of bytes raises TypeError, as Twisted's transports do.
+        """
+        server, _client = yield self.pair()
+        self.assertRaises(TypeError, server.transport.write, "text")
+        self.assertRaises(TypeError, server.transport.writeSequence, [b"ok", "text"])
+
+    @defer.inlineCallbacks
     def test_close_after_write(self) -> None:
         """
         A connection closed in the turn that wrote to it sends everything, then closes.

@@ -14,7 +14,7 @@ import inspect
 from typing import Any, Callable, List, Optional, Sequence, Set, cast
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IAddress, IReactorTime, ITCPTransport
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, ITCPTransport
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -174,7 +174,40 @@ class GatewayChannel(http.HTTPChannel):
             self._host = cast(ITCPTransport, self.transport).getHost()
         return self._host
 
+    # The idle timeout. twisted.web suspends it while a request is served (setTimeout(None),
+    # which cancels the reactor call) and restores it afterwards (a new call): a cancelled and
+    # a new delayed call per request, 2-3% of a proxied request. Here suspending leaves the
+    # call armed and an expiry during a suspension does nothing; restoring moves the call.
+    _idle_call: Optional[IDelayedCall] = None
+    timeOut: Optional[float]  # type: ignore[assignment]  # Site's timeout is a float
+
+    def setTimeout(self, period: Optional[float]) -> Optional[float]:
+        previous = self.timeOut
+        self.timeOut = period
+        if period is not None:
+            call = self._idle_call
+            if call is not None and call.active():
+                call.reset(period)
+            else:
+                self._idle_call = self.callLater(period, self._idle_expired)
+        return previous
+
+    def resetTimeout(self) -> None:
+        call = self._idle_call
+        if call is not None and self.timeOut is not None and call.active():
+            call.reset(self.timeOut)
+
+    def _idle_expired(self) -> None:
+        self._idle_call = None
+        if self.timeOut is not None:
+            self.timeoutConnection()
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        call = self._idle_call
+        if call is not None:
+            self._idle_call = None
+            if call.active():
+                call.cancel()
         self.site.channels.discard(self)
         super().connectionLost(reason)
         self.site.channel_closed()
