@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from a3s_gateway.proxy.site import GatewayChannel, GatewaySite
+from a3s_gateway.proxy.site import GatewayChannel, GatewaySite, parse_request_line
 
 
 class _Recorder(Resource):
@@ -98,6 +98,8 @@ class SiteTests(SynchronousTestCase):
         channel.dataReceived(b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n")
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 431 "))
         self.assertTrue(transport.disconnecting)
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(transport.value().count(b"HTTP/1.1 "), 1)
 
     def test_too_many_headers(self) -> None:
         """
@@ -109,6 +111,8 @@ class SiteTests(SynchronousTestCase):
             b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(6)) + b"\r\n"
         )
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 431 "))
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(transport.value().count(b"HTTP/1.1 "), 1)
 
     def test_malformed_request_line(self) -> None:
         """
@@ -177,6 +181,130 @@ class SiteTests(SynchronousTestCase):
         Draining a site with no connections is done at once.
         """
         self.successResultOf(self.site.drain())
+
+
+class _Echo(Resource):
+    """Answers with what it was asked: method, target, version, headers and body."""
+
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        assert request.content is not None
+        headers = sorted(
+            (name, value)
+            for name, values in request.requestHeaders.getAllRawHeaders()
+            for value in values
+        )
+        return repr(
+            (request.method, request.uri, request.clientproto, headers, request.content.read())
+        ).encode()
+
+
+# Requests that must get the same answers whether their head arrives whole (read in one pass)
+# or a byte at a time (twisted.web's line parser).
+_SAME_EITHER_WAY = [
+    b"GET /a?b=c HTTP/1.1\r\nHost: x\r\nAccept: */*\r\nX-Two: 1\r\nX-Two: 2\r\n\r\n",
+    b"GET / HTTP/1.0\r\nHost: x\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nX-Folded: one\r\n two\r\n\r\n",
+    b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nbody",
+    b"POST /p HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nbody\r\n0\r\n\r\n",
+    b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\nGET /after-close HTTP/1.1\r\n\r\n",
+    b"GET / HTTP/2.0\r\nHost: x\r\n\r\n",
+    b"G(T / HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /\x7f\xff HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET  / HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET / HTTP/1.1\r\nNo colon here\r\n\r\n",
+    b"GET / HTTP/1.1\r\nBad Name: x\r\n\r\n",
+    b"GET / HTTP/1.1\r\nX: a\x00b\r\n\r\n",
+    b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx",
+    b"GET / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+    b"POST / HTTP/1.1\r\nContent-Length: 11\r\n\r\n",
+    b"POST / HTTP/1.1\r\nContent-Length: 12\r\n\r\n0123456789AB",
+    b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n",
+    b"GET / HTTP/1.1\r\n" + b"X-Many: 1\r\n" * 501 + b"\r\n",
+]
+
+
+class OnePassHeadTests(SynchronousTestCase):
+    """
+    A request head that arrives whole is read in one pass, with the same outcome as
+    twisted.web's line-by-line parser.
+    """
+
+    def answer(self, raw: bytes, whole: bool) -> tuple[bytes, bool]:
+        site = GatewaySite(_Echo(), MemoryReactorClock(), max_request_body_bytes=10)
+        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        if whole:
+            channel.dataReceived(raw)
+        else:
+            for index in range(len(raw)):
+                # A TCP transport stops reading once it is closing.
+                if transport.disconnecting:
+                    break
+                channel.dataReceived(raw[index : index + 1])
+        return transport.value(), transport.disconnecting
+
+    def test_same_answers_either_way(self) -> None:
+        """
+        Each request (valid, malformed, oversized, pipelined, with a body) gets the same bytes
+        back and the same closing whether its head arrived whole or a byte at a time.
+        """
+        for raw in _SAME_EITHER_WAY:
+            whole = self.answer(raw, whole=True)
+            pieces = self.answer(raw, whole=False)
+            self.assertEqual(whole, pieces, raw[:60])
+            self.assertTrue(whole[0].startswith(b"HTTP/1."), raw[:60])
+
+    def test_whole_head_read_in_one_pass(self) -> None:
+        """
+        A whole head is not split into lines by twisted.web: its line parser never runs.
+        """
+        site = GatewaySite(_Echo(), MemoryReactorClock(), max_request_body_bytes=10)
+        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        lines: List[bytes] = []
+        original = channel.lineReceived
+
+        def spy(line: bytes) -> None:
+            lines.append(line)
+            original(line)
+
+        channel.lineReceived = spy  # type: ignore[method-assign]
+        channel.dataReceived(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+        channel.dataReceived(b"GET /y HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(transport.value().count(b"200 OK"), 2)
+        self.assertIn(b"/y", transport.value())
+        self.assertEqual(lines, [])
+
+    def test_request_line_rules(self) -> None:
+        """
+        L{parse_request_line} accepts and refuses the request lines twisted.web does.
+        """
+        good = {
+            b"GET / HTTP/1.1": (b"GET", b"/", b"HTTP/1.1"),
+            b"M-SEARCH * HTTP/1.0": (b"M-SEARCH", b"*", b"HTTP/1.0"),
+            b"GET http://h/p?q=%20~ HTTP/1.1": (b"GET", b"http://h/p?q=%20~", b"HTTP/1.1"),
+        }
+        for line, parts in good.items():
+            self.assertEqual(parse_request_line(line), parts)
+        bad = [
+            b"",
+            b"GET /",
+            b"GET / HTTP/1.1 extra",
+            b"GET  HTTP/1.1",
+            b"G@T / HTTP/1.1",
+            b" / HTTP/1.1",
+            b"GET /\x00 HTTP/1.1",
+            b"GET /\xb1 HTTP/1.1",
+            b"GET / HTTP/1.2",
+            b"GET / http/1.1",
+        ]
+        for line in bad:
+            self.assertIsNone(parse_request_line(line), line)
 
 
 class IdleTimeoutTests(SynchronousTestCase):

@@ -11,7 +11,7 @@ twisted.web buffers a request body before any resource runs and has no limit of 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, List, Optional, Sequence, Set, cast
+from typing import Any, Callable, List, Optional, Sequence, Set, Tuple, cast
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, ITCPTransport
@@ -151,6 +151,30 @@ class GatewayRequest(server.Request):
         return reason
 
 
+# The bytes of a token (RFC 9110 5.6.2) and of a request target as twisted.web accepts it
+# (printable, no space), for one translate() each instead of a loop over the bytes.
+_TOKEN = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_TARGET = bytes(range(33, 177))
+
+
+def parse_request_line(line: bytes) -> Optional[Tuple[bytes, bytes, bytes]]:
+    """
+    Split an HTTP/1.x request line into method, target and version, by twisted.web's rules
+    (a token method, a non-empty printable target, HTTP/1.0 or HTTP/1.1); None if malformed.
+    """
+    parts = line.split(b" ")
+    if len(parts) != 3:
+        return None
+    method, target, version = parts
+    if not method or method.translate(None, _TOKEN):
+        return None
+    if not target or target.translate(None, _TARGET):
+        return None
+    if version != b"HTTP/1.1" and version != b"HTTP/1.0":
+        return None
+    return method, target, version
+
+
 # twisted.web.http is wrapped in a deprecation proxy that makes every attribute lookup on the
 # module costly, so per-request code calls the base class through super(), never http.X.
 class GatewayChannel(http.HTTPChannel):
@@ -162,6 +186,8 @@ class GatewayChannel(http.HTTPChannel):
 
     site: GatewaySite
     _host: Optional[IAddress] = None
+    # Set once a 431 was sent: whatever else arrives on this connection is not a request.
+    _discarding = False
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -212,7 +238,74 @@ class GatewayChannel(http.HTTPChannel):
         super().connectionLost(reason)
         self.site.channel_closed()
 
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Read a request head that arrives whole in one piece (nearly every request) in one pass;
+        anything else goes line by line through twisted.web's parser.
+
+        twisted.web reads a head one line at a time (a split of the remaining buffer, checks and
+        a dispatch per line) and checks the request target one byte at a time. The one-pass read
+        splits the same lines at the same delimiter and applies the same rules in the same order
+        (request line, each header through C{headerReceived}, then C{allHeadersReceived}), so
+        the request the resource sees, and every error answer, are the same either way.
+        """
+        if self._discarding:
+            return
+        end = data.find(b"\r\n\r\n")
+        if (
+            end > 0
+            and end < self.totalHeadersSize
+            and self.line_mode
+            and not self._buffer
+            and not self._receivedHeaderSize
+            and not self._handlingRequest
+            and not self._busyReceiving
+            and not self.paused
+            and self.persistent
+        ):
+            lines = data[:end].split(b"\r\n")
+            if self._read_head(lines):
+                rest = data[end + 4 :]
+                # Pipelined requests, or a body, go on as if they had arrived next; as in
+                # LineReceiver, nothing more is read once the connection is closing.
+                if rest and not self.transport.disconnecting:  # type: ignore[union-attr]
+                    self.dataReceived(rest)
+                return
+        super().dataReceived(data)
+
+    def _read_head(self, lines: List[bytes]) -> bool:
+        """
+        Read the request head made of C{lines}; False (nothing read) when it needs the
+        line-by-line parser: an obsolete folded header, an over-long line, too many headers.
+        """
+        if len(lines) > self.maxHeaders:
+            return False
+        limit = self.MAX_LENGTH
+        for line in lines:
+            if len(line) > limit or not line or line[0] in b" \t":
+                return False
+        self.resetTimeout()
+        request = self.requestFactory(self, len(self.requests))
+        self.requests.append(request)
+        self._receivedHeaderSize = sum(map(len, lines))
+        parsed = parse_request_line(lines[0])
+        if parsed is None:
+            self._respondToBadRequestAndDisconnect()
+            return True
+        self._command, self._path, self._version = parsed
+        for index in range(1, len(lines)):
+            if not self.headerReceived(lines[index]):
+                return True
+        self.allHeadersReceived()
+        if self.length == 0:
+            self.allContentReceived()
+        else:
+            self.setRawMode()
+        return True
+
     def lineReceived(self, line: bytes) -> None:
+        if self._discarding:
+            return
         if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
             self._respond_431()
             return
@@ -251,7 +344,7 @@ class GatewayChannel(http.HTTPChannel):
         )
         self.loseConnection()
         # Whatever else arrives on this connection is not a request.
-        self.dataReceived = self.lineReceived = lambda *args: None  # type: ignore[method-assign]
+        self._discarding = True
 
     @property
     def idle(self) -> bool:
