@@ -191,6 +191,22 @@ class ResponseHeadersTests(SynchronousTestCase):
             [(b"Content-Type", b"text/plain"), (b"Set-Cookie", b"a=1"), (b"Set-Cookie", b"b=2")],
         )
 
+    def test_named_before_connection(self) -> None:
+        """
+        A header named in ``Connection`` goes even when it comes before ``Connection``, in any
+        case; close and keep-alive are only options.
+        """
+        raw = [
+            (b"x-private", b"1"),
+            (b"Content-Type", b"text/plain"),
+            (b"Connection", b"keep-alive, X-Private"),
+            (b"X-PRIVATE", b"2"),
+            (b"Connection", b"close"),
+        ]
+        self.assertEqual(
+            response_headers(raw, keep_length=False), [(b"Content-Type", b"text/plain")]
+        )
+
     def test_keep_length(self) -> None:
         """
         For bodiless responses (HEAD, 304) the upstream's Content-Length is kept.

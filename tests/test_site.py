@@ -13,6 +13,8 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http import HTTPChannel
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -132,6 +134,25 @@ class SiteTests(SynchronousTestCase):
         channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close, X-Private\r\n\r\n")
         self.assertIn(b"Connection: close", transport.value())
         self.assertTrue(transport.disconnecting)
+
+    def test_head_written_as_twisted_writes_it(self) -> None:
+        """
+        A response head is the bytes twisted.web's channel writes for the same headers
+        (canonical names, repeated values, sanitised newlines), in one write.
+        """
+        headers = Headers()
+        headers.addRawHeader(b"content-type", b"text/plain")
+        headers.addRawHeader(b"Set-Cookie", b"a=1")
+        headers.addRawHeader(b"Set-Cookie", b"b=2")
+        headers.addRawHeader(b"X-Evil", b"a\r\nInjected: 1")
+        ours, transport = self.connect()
+        theirs = HTTPChannel()
+        expected = StringTransport()
+        theirs.makeConnection(expected)
+        ours.writeHeaders(b"HTTP/1.1", b"200", b"OK", headers)
+        HTTPChannel.writeHeaders(theirs, b"HTTP/1.1", b"200", b"OK", headers)
+        self.assertEqual(transport.value(), expected.value())
+        self.assertIn(b"X-Evil: a Injected: 1\r\n", transport.value())
 
     def test_processing_failure_is_json(self) -> None:
         """

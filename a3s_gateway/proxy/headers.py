@@ -36,6 +36,7 @@ HOP_BY_HOP = frozenset(
 )
 _REQUEST_DROP = HOP_BY_HOP | {b"content-length"}
 _RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
+_RESPONSE_KEEP_LENGTH_DROP = HOP_BY_HOP
 # Rewritten by the gateway on every forwarded request.
 _FORWARDED = frozenset(
     {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip"}
@@ -154,13 +155,22 @@ def response_headers(raw: Sequence[Tuple[bytes, bytes]], keep_length: bool) -> R
     @param keep_length: keep ``Content-Length`` (for a response that has no body of its own, such
         as the answer to HEAD, whose length describes the resource).
     """
-    drop = _RESPONSE_DROP
-    named = [value for name, value in raw if name.lower() == b"connection"]
+    # One pass on every response; a second only when Connection names other headers (rare).
+    drop = _RESPONSE_KEEP_LENGTH_DROP if keep_length else _RESPONSE_DROP
+    kept = []
+    named = []
+    for name, value in raw:
+        lower = name.lower()
+        if lower in drop:
+            if lower == b"connection":
+                named.append(value)
+        else:
+            kept.append((name, value))
     if named:
-        drop = drop | connection_tokens(named)
-    if keep_length:
-        drop = drop - {b"content-length"}
-    return [(name, value) for name, value in raw if name.lower() not in drop]
+        extra = connection_tokens(named) - _RESPONSE_DROP
+        if extra:
+            kept = [(name, value) for name, value in kept if name.lower() not in extra]
+    return kept
 
 
 def add_vary(headers: Headers, token: bytes) -> None:

@@ -19,6 +19,7 @@ from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
+from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource
 
 from a3s_gateway.proxy.errors import (
@@ -320,12 +321,21 @@ class GatewayChannel(http.HTTPChannel):
         return persistent
 
     def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        if not isinstance(headers, Headers):
+            super().writeHeaders(version, code, reason, headers)
+            return
         # An HTTP/1.1 connection that closes after this response says so (RFC 9112 9.6).
         # twisted.web sets the header when it decides, before rendering; a proxied answer
         # replaces the response headers with the upstream's, so it is added here, last.
         if not self.persistent and version == b"HTTP/1.1":
             headers.setRawHeaders(b"Connection", [b"close"])
-        super().writeHeaders(version, code, reason, headers)
+        # As twisted.web writes a head (Headers sanitised every value), as one piece.
+        parts = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                parts += (name, b": ", value, b"\r\n")
+        parts.append(b"\r\n")
+        self.transport.write(b"".join(parts))  # type: ignore[union-attr]
 
     def lineLengthExceeded(self, line: bytes) -> None:
         # One line longer than MAX_LENGTH: LineReceiver would drop the connection silently.
