@@ -15,6 +15,7 @@ import sys
 from typing import List, Optional, TextIO
 
 from twisted.python import usage
+from twisted.python.reflect import fullyQualifiedName
 
 from a3s_gateway import __version__
 from a3s_gateway.config import (
@@ -81,6 +82,20 @@ def validate(path: str, out: TextIO, err: TextIO) -> int:
     return 0
 
 
+def _install_reactor() -> None:
+    """
+    Install the gateway's reactor (L{a3s_gateway.reactor}) unless a reactor is installed
+    already; where epoll does not exist, Twisted's default is used.
+    """
+    if "twisted.internet.reactor" in sys.modules:
+        return
+    try:
+        from a3s_gateway.reactor import install
+    except ImportError:
+        return
+    install()
+
+
 def run(
     config_path: Optional[str],
     listen: Optional[str],
@@ -92,8 +107,9 @@ def run(
     Run the gateway in the foreground until SIGTERM or SIGINT, which drain it: one process, or
     a supervisor of C{workers} processes, or (C{worker_of}) one of those workers.
     """
+    _install_reactor()
     from twisted.internet import reactor
-    from twisted.logger import globalLogBeginner, textFileLogObserver
+    from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 
     from a3s_gateway.tap import build_service, load
     from a3s_gateway.workers import (
@@ -109,6 +125,9 @@ def run(
         err.write(f"Error: {e}\n")
         return 1
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
+    Logger(namespace="a3s_gateway.cli").info(
+        "reactor class: {name}", name=fullyQualifiedName(type(reactor))
+    )
     worker = worker_of is not None
     service = build_service(
         config, reactor, with_demo=config_path is None, listen=listen, worker=worker

@@ -85,6 +85,7 @@ class ProcessTests(TestCase):
         self.assertEqual(parse_response(raw)[0], 200)
         code = yield process.ended
         self.assertEqual(code, status, process.output.decode(errors="replace"))
+        return process
 
     @defer.inlineCallbacks
     def test_twistd_sigterm_drains(self) -> None:
@@ -110,7 +111,24 @@ class ProcessTests(TestCase):
         port = unused_tcp_port()
         path = gateway_config_file(self, port, server.url)
         argv = [os.path.join(BIN, "a3s-gateway"), "--config", path]
-        yield self.drain_on(argv, port, held, signal.SIGINT, 0)
+        process = yield self.drain_on(argv, port, held, signal.SIGINT, 0)
+        self.assertIn(b"reactor class: a3s_gateway.reactor.GatewayReactor", process.output)
+
+    @defer.inlineCallbacks
+    def test_twistd_on_gateway_reactor(self) -> None:
+        """
+        ``twistd --reactor=a3s -n a3s-gateway`` serves on the gateway's reactor and drains on
+        SIGTERM.
+        """
+        held = HeldResource()
+        server = backend(self, held)
+        port = unused_tcp_port()
+        path = gateway_config_file(self, port, server.url)
+        argv = [os.path.join(BIN, "twistd"), "--reactor=a3s", "-n", "--pidfile=", "a3s-gateway"]
+        process = yield self.drain_on(
+            [*argv, "--config", path], port, held, signal.SIGTERM, -signal.SIGTERM
+        )
+        self.assertIn(b"reactor class: a3s_gateway.reactor.GatewayReactor", process.output)
 
     @defer.inlineCallbacks
     def test_embedded_default_serves_demo(self) -> None:

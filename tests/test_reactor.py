@@ -1,0 +1,215 @@
+"""
+Tests for L{a3s_gateway.reactor}: a L{GatewayReactor} of its own (not trial's), driven one
+iteration at a time, serving real loopback sockets; failing handlers; the poller's EINTR; the
+C{install} that twistd and trial call.
+"""
+
+from __future__ import annotations
+
+import errno
+import select
+import socket
+import subprocess
+import sys
+from typing import Any, List
+
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from a3s_gateway.proxy.site import GatewaySite
+from a3s_gateway.reactor import GatewayReactor
+from a3s_gateway.testing import EchoResource
+
+
+class _Echo(Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(data.upper())  # type: ignore[union-attr]
+
+
+class _Exploding(Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        raise RuntimeError("handler bug")
+
+
+class _ExplodingOnLoss(Protocol):
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        raise RuntimeError("connectionLost bug")
+
+
+class _Poller:
+    """Stands in for the epoll object: hands out prepared answers or raises, once each."""
+
+    def __init__(self, real: Any, answers: List[Any]) -> None:
+        self.real = real
+        self.answers = answers
+
+    def poll(self, timeout: float, count: int) -> Any:
+        if self.answers:
+            answer = self.answers.pop(0)
+            if isinstance(answer, BaseException):
+                raise answer
+            return answer
+        return self.real.poll(timeout, count)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+class GatewayReactorTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.reactor = GatewayReactor()
+        self.addCleanup(self.close)
+
+    def close(self) -> None:
+        for selectable in self.reactor.removeAll():
+            selectable.connectionLost(Failure(ConnectionError("test over")))  # type: ignore[attr-defined]
+        self.reactor._poller.close()
+
+    def serve(self, protocol: type) -> socket.socket:
+        """Listen with C{protocol} on the test's reactor; a connected client socket."""
+        port = self.reactor.listenTCP(0, Factory.forProtocol(protocol), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = socket.create_connection(("127.0.0.1", port.getHost().port))
+        client.settimeout(0)
+        self.addCleanup(client.close)
+        return client
+
+    def spin(self, until: Any, turns: int = 200) -> None:
+        for _ in range(turns):
+            if until():
+                return
+            self.reactor.iterate(0.01)
+        self.fail("the reactor never got there")
+
+    def receive(self, client: socket.socket, size: int) -> bytes:
+        received = b""
+
+        def enough() -> bool:
+            nonlocal received
+            try:
+                received += client.recv(65536)
+            except BlockingIOError:
+                pass
+            return len(received) >= size
+
+        self.spin(enough)
+        return received
+
+    def test_serves_connections(self) -> None:
+        """
+        Reads reach the protocol and its writes reach the peer, over a real socket.
+        """
+        client = self.serve(_Echo)
+        client.sendall(b"hello")
+        self.assertEqual(self.receive(client, 5), b"HELLO")
+
+    def test_serves_the_gateway_site(self) -> None:
+        """
+        The gateway's own HTTP site answers a request on it.
+        """
+        site = GatewaySite(EchoResource("one"), self.reactor, max_request_body_bytes=1024)
+        port = self.reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = socket.create_connection(("127.0.0.1", port.getHost().port))
+        client.settimeout(0)
+        self.addCleanup(client.close)
+        client.sendall(b"GET /hi HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = self.receive(client, 1)
+        self.spin(lambda: not site.channels)
+        try:
+            answer += client.recv(65536)
+        except BlockingIOError:
+            pass
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer[:80])
+        self.assertIn(b'"one"', answer)
+        self.assertIn(b'"/hi"', answer)
+
+    def test_failing_handler_disconnects_and_is_logged(self) -> None:
+        """
+        A protocol whose C{dataReceived} raises loses its connection and the error is logged;
+        the reactor goes on serving others.
+        """
+        bad = self.serve(_Exploding)
+        bad.sendall(b"boom")
+
+        def closed() -> bool:
+            try:
+                return bad.recv(1) == b""
+            except BlockingIOError:
+                return False
+            except ConnectionResetError:
+                return True
+
+        self.spin(closed)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        good = self.serve(_Echo)
+        good.sendall(b"still")
+        self.assertEqual(self.receive(good, 5), b"STILL")
+
+    def test_failure_escaping_the_handler_is_logged(self) -> None:
+        """
+        An error raised while the reactor disconnects a connection (its C{connectionLost}) is
+        logged, and the loop goes on.
+        """
+        client = self.serve(_ExplodingOnLoss)
+        self.reactor.iterate(0.01)
+        client.close()
+        self.spin(lambda: bool(self.flushLoggedErrors(RuntimeError)))
+        good = self.serve(_Echo)
+        good.sendall(b"next")
+        self.assertEqual(self.receive(good, 4), b"NEXT")
+
+    def test_interrupted_poll(self) -> None:
+        """
+        A poll interrupted by a signal (EINTR) is an empty iteration, not an error.
+        """
+        self.reactor._poller = _Poller(self.reactor._poller, [OSError(errno.EINTR, "EINTR")])
+        self.reactor.doPoll(0)
+
+    def test_other_poll_errors_raise(self) -> None:
+        """
+        Any other poll error is a bug worth stopping for, as in Twisted's epoll reactor.
+        """
+        self.reactor._poller = _Poller(self.reactor._poller, [OSError(errno.EBADF, "EBADF")])
+        self.assertRaises(OSError, self.reactor.doPoll, 0)
+
+    def test_event_for_a_removed_descriptor(self) -> None:
+        """
+        An event for a descriptor no longer registered (removed earlier in the same batch) is
+        skipped.
+        """
+        client = self.serve(_Echo)
+        self.reactor._poller = _Poller(self.reactor._poller, [[(100000, select.EPOLLIN)]])
+        self.reactor.doPoll(0)
+        client.sendall(b"ok")
+        self.assertEqual(self.receive(client, 2), b"OK")
+
+
+class InstallTests(SynchronousTestCase):
+    def test_install(self) -> None:
+        """
+        C{install} makes a L{GatewayReactor} the global reactor (what ``--reactor=a3s``
+        does).
+        """
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "from a3s_gateway.reactor import install; install();"
+                "from twisted.internet import reactor; print(type(reactor).__name__)",
+            ],
+            capture_output=True,
+            check=True,
+        )
+        self.assertEqual(out.stdout.strip(), b"GatewayReactor")
+
+    def test_reactor_plugin(self) -> None:
+        """
+        twistd and trial know the reactor as ``a3s``.
+        """
+        from twisted.application.reactors import getReactorTypes
+
+        names = {installer.shortName: installer for installer in getReactorTypes()}
+        self.assertIn("a3s", names)
+        self.assertEqual(names["a3s"].moduleName, "a3s_gateway.reactor")
