@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import OrderedDict
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, NamedTuple, Optional, Tuple
 
 import attr
 from twisted.web.http_headers import Headers
@@ -84,10 +84,10 @@ def _seconds_up(duration: float) -> int:
     return max(0, math.ceil(duration - _ROUNDING_SLACK))
 
 
-@attr.s(frozen=True, auto_attribs=True)
-class Decision:
+class Decision(NamedTuple):
     """
-    The outcome of taking a token from a bucket.
+    The outcome of taking a token from a bucket (a named tuple: one is made per request, and a
+    tuple is made several times faster than a frozen attrs instance).
 
     @ivar allowed: whether the request got its token.
     @ivar limit: the bucket's capacity (the burst).
@@ -147,8 +147,10 @@ class Decision:
         """
         Set the rate-limit headers on a response (replacing any the upstream sent).
         """
-        for name, value in self.headers():
-            headers.setRawHeaders(name, [value])
+        headers.setRawHeaders(b"X-RateLimit-Limit", [b"%d" % self.limit])
+        headers.setRawHeaders(b"X-RateLimit-Remaining", [b"%d" % self.remaining])
+        if self.reset is not None:
+            headers.setRawHeaders(b"X-RateLimit-Reset", [b"%d" % self.reset])
 
 
 def refill_and_take(
