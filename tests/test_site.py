@@ -135,6 +135,39 @@ class SiteTests(SynchronousTestCase):
         self.assertIn(b"Connection: close", transport.value())
         self.assertTrue(transport.disconnecting)
 
+    def test_addresses_asked_once_per_connection(self) -> None:
+        """
+        The connection's own and peer addresses are asked of the transport once, however many
+        requests it carries, and every request sees them.
+        """
+        asked: List[str] = []
+
+        class Counting(StringTransport):
+            def getPeer(self) -> IPv4Address:
+                asked.append("peer")
+                return IPv4Address("TCP", "10.1.2.3", 5555)
+
+            def getHost(self) -> IPv4Address:
+                asked.append("host")
+                return IPv4Address("TCP", "10.9.9.9", 80)
+
+        class Addresses(Resource):
+            isLeaf = True
+
+            def render(self, request: Request) -> bytes:
+                return b"%s %s" % (
+                    request.getClientAddress().host.encode(),  # type: ignore[attr-defined]
+                    request.getHost().host.encode(),  # type: ignore[attr-defined]
+                )
+
+        site = GatewaySite(Addresses(), MemoryReactorClock(), max_request_body_bytes=10)
+        channel = site.buildProtocol(IPv4Address("TCP", "10.1.2.3", 5555))
+        transport = Counting()
+        channel.makeConnection(transport)
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 3)
+        self.assertEqual(transport.value().count(b"10.1.2.3 10.9.9.9"), 3)
+        self.assertEqual(sorted(asked), ["host", "peer"])
+
     def test_head_written_as_twisted_writes_it(self) -> None:
         """
         A response head is the bytes twisted.web's channel writes for the same headers

@@ -187,6 +187,7 @@ class GatewayChannel(http.HTTPChannel):
 
     site: GatewaySite
     _host: Optional[IAddress] = None
+    _peer: Optional[IAddress] = None
     # Set once a 431 was sent: whatever else arrives on this connection is not a request.
     _discarding = False
 
@@ -200,6 +201,13 @@ class GatewayChannel(http.HTTPChannel):
         if self._host is None:
             self._host = cast(ITCPTransport, self.transport).getHost()
         return self._host
+
+    def getPeer(self) -> IAddress:
+        # Asked once per request (Request.client); the transport builds (and validates) a new
+        # address object on every call, for a peer that never changes.
+        if self._peer is None:
+            self._peer = cast(ITCPTransport, self.transport).getPeer()
+        return self._peer
 
     # The idle timeout. twisted.web suspends it while a request is served (setTimeout(None),
     # which cancels the reactor call) and restores it afterwards (a new call): a cancelled and
