@@ -38,6 +38,18 @@ class ConnectionTokensTests(SynchronousTestCase):
             frozenset({b"keep-alive", b"x-secret", b"close"}),
         )
 
+    def test_single_common_values(self) -> None:
+        """
+        A lone keep-alive or close (any case) names just itself; anything around it is read as
+        a list.
+        """
+        self.assertEqual(connection_tokens([b"Keep-Alive"]), frozenset({b"keep-alive"}))
+        self.assertEqual(connection_tokens([b"CLOSE"]), frozenset({b"close"}))
+        self.assertEqual(connection_tokens([b" close"]), frozenset({b"close"}))
+        self.assertEqual(
+            connection_tokens([b"close,X-Private"]), frozenset({b"close", b"x-private"})
+        )
+
     def test_none(self) -> None:
         """
         No Connection header names nothing.

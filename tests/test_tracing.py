@@ -663,6 +663,31 @@ class SamplingTests(SynchronousTestCase):
         self.assertNotEqual(int(span.trace_id, 16), 0)
         self.assertNotEqual(int(span.span_id, 16), 0)
         self.assertEqual((len(span.trace_id), len(span.span_id)), (32, 16))
+        child = Tracer(config, task.Clock(), reactor, ZeroFirst(3)).begin(
+            headers((b"traceparent", VALID))
+        )
+        self.assertNotEqual(int(child.span_id, 16), 0)
+
+    def test_nonzero_halves(self) -> None:
+        """
+        A new root's trace and span ids come from one draw; a draw with either half all zeros
+        is drawn again.
+        """
+
+        class HalfZeroFirst(random.Random):
+            """Yields a zero span half, then a zero trace half, then the seeded generator."""
+
+            planned = [1 << 64, 5]
+
+            def getrandbits(self, k: int) -> int:
+                if self.planned:
+                    return self.planned.pop(0)
+                return super().getrandbits(k)
+
+        span = Tracer(TracingConfig(), task.Clock(), reactor, HalfZeroFirst(3)).begin(headers())
+        self.assertNotEqual(int(span.trace_id, 16), 0)
+        self.assertNotEqual(int(span.span_id, 16), 0)
+        self.assertEqual((len(span.trace_id), len(span.span_id)), (32, 16))
 
 
 class InjectTests(SynchronousTestCase):

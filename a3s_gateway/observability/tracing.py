@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import random as _random
 import re
-from typing import TYPE_CHECKING, Any, Dict, FrozenSet, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, FrozenSet, List, NamedTuple, Optional, Tuple, Union
 
 import attr
 from twisted.internet.defer import Deferred, succeed
@@ -84,10 +84,9 @@ _B3_FLAGS: Dict[bytes, Optional[bool]] = {b"1": True, b"0": None}
 _B3_SINGLE_SAMPLED: Dict[bytes, bool] = {b"1": True, b"d": True, b"0": False}
 
 
-@attr.s(frozen=True, auto_attribs=True, slots=True)
-class Span:
+class Span(NamedTuple):
     """
-    The gateway's server span for one request.
+    The gateway's server span for one request (a named tuple: one is made per request).
 
     @ivar trace_id: 32 lowercase hex digits.
     @ivar span_id: 16 lowercase hex digits, new for this request; the upstream's parent.
@@ -136,6 +135,7 @@ class _Incoming:
 
 # Malformed B3: a new root, sampled by sample_rate.
 _NEW_ROOT = _Incoming()
+_SPAN_BITS = (1 << 64) - 1
 # What _single returns for a repeated header: no header value can hold a line feed, so it matches
 # no pattern and no table below and is malformed wherever it is read.
 _REPEATED = b"\n"
@@ -304,11 +304,19 @@ class Tracer:
         rate = self._rate
         return rate >= 1.0 or (rate > 0.0 and self._random.random() < rate)
 
-    def _new_id(self, bits: int) -> int:
+    def _new_ids(self) -> str:
+        """48 hex digits: a trace id (32) then a span id (16), neither all zeros."""
+        getrandbits = self._random.getrandbits
+        value = getrandbits(192)
+        while not value >> 64 or not value & _SPAN_BITS:
+            value = getrandbits(192)
+        return f"{value:048x}"
+
+    def _new_span_id(self) -> str:
         value = 0
         while not value:
-            value = self._random.getrandbits(bits)
-        return value
+            value = self._random.getrandbits(64)
+        return f"{value:016x}"
 
     def begin(self, headers: Headers) -> Span:
         """
@@ -321,16 +329,19 @@ class Tracer:
             if incoming is None:
                 incoming = _b3_multi(headers)
         if incoming is None:
-            incoming = _NEW_ROOT
+            # Most requests: a new root, both ids from one draw.
+            ids = self._new_ids()
+            return Span(ids[:32], ids[32:], None, self._sample(), None, self._clock.seconds())
         sampled = incoming.sampled
         if sampled is None:
             sampled = self._sample()
         trace_id = incoming.trace_id
+        span_id = self._new_span_id()
         if trace_id is None:
-            trace_id = f"{self._new_id(128):032x}"
+            trace_id = self._new_ids()[:32]
         return Span(
             trace_id=trace_id,
-            span_id=f"{self._new_id(64):016x}",
+            span_id=span_id,
             parent_span_id=incoming.span_id,
             sampled=sampled,
             tracestate=incoming.tracestate,

@@ -43,12 +43,23 @@ _FORWARDED = frozenset(
 )
 
 
+_COMMON_CONNECTION = {
+    b"keep-alive": frozenset({b"keep-alive"}),
+    b"close": frozenset({b"close"}),
+}
+
+
 def connection_tokens(values: Optional[Sequence[bytes]]) -> frozenset[bytes]:
     """
     The lower-cased header names listed in ``Connection`` header values, which are hop-by-hop too.
     """
     if not values:
         return frozenset()
+    if len(values) == 1:
+        # What nearly every Connection header says, on every request and response.
+        common = _COMMON_CONNECTION.get(values[0].lower())
+        if common is not None:
+            return common
     return frozenset(
         token.strip().lower() for value in values for token in value.split(b",") if token.strip()
     )
