@@ -11,7 +11,7 @@
 #                    (bench/suite.sh reads them), measure named by BENCH_MEASURE (default
 #                    throughput) and rows suffixed with " (BENCH_LABEL)" when that is set
 # needs: wrk. Optional: nginx (backend and nginx-proxy rows), haproxy (HAProxy row).
-# Ports used: 127.0.0.1:9300-9308 (BENCH_PORT_BASE=n: n to n+8).
+# Ports used: 127.0.0.1:9300-9309 (BENCH_PORT_BASE=n: n to n+9).
 set -u
 export LC_ALL=C
 
@@ -34,6 +34,7 @@ HAPROXY_PORT=$((base + 5))
 CHAIN_PORT=$((base + 6))           # bench/bench-middleware.hcl says 9306
 OBSERVED_PORT=$((base + 7))        # bench/bench-observability.hcl says 9307
 ADMIN_PORT=$((base + 8))           # and 9308 for its admin entrypoint
+TWISTD_PORT=$((base + 9))          # the gateway under twistd (bench.hcl's entrypoint moved)
 
 die() { echo "bench/run.sh: $*" >&2; exit 1; }
 
@@ -74,7 +75,7 @@ accepts() { # port: true when something accepts a TCP connection on 127.0.0.1:po
 }
 
 for port in $GATEWAY_PORT $BACKEND_PORT $STOCK_PORT $HELLO_PORT $NGINX_PROXY_PORT $HAPROXY_PORT \
-  $CHAIN_PORT $OBSERVED_PORT $ADMIN_PORT; do
+  $CHAIN_PORT $OBSERVED_PORT $ADMIN_PORT $TWISTD_PORT; do
   accepts "$port" && die "127.0.0.1:$port is already in use; stop whatever listens there first"
 done
 
@@ -143,7 +144,7 @@ echo
 
 # --- start everything -----------------------------------------------------------------------
 backend_ok=0 nginx_proxy_ok=0 haproxy_ok=0 stock_ok=0 gateway_ok=0 hello_ok=0 chain_ok=0
-observed_ok=0
+twistd_ok=0 observed_ok=0
 if [ "$have_nginx" = 1 ]; then
   backend_label="backend direct (nginx)"
   conf=$(nginx_conf backend "listen 127.0.0.1:$BACKEND_PORT;
@@ -179,6 +180,11 @@ EOF
 fi
 start stock-proxy $STOCK_PORT "$PY" bench/stock_proxy.py $STOCK_PORT $BACKEND_PORT && stock_ok=1
 start gateway $GATEWAY_PORT "$PY" -m a3s_gateway.cli --config "$run_dir/bench.hcl" && gateway_ok=1
+# The same gateway as `twistd -n a3s-gateway` runs it: on Twisted's default reactor, not the
+# gateway's own (the a3s-gateway command's; `twistd --reactor=a3s` picks it).
+sed "s/127\.0\.0\.1:$GATEWAY_PORT\b/127.0.0.1:$TWISTD_PORT/" "$run_dir/bench.hcl" >"$run_dir/bench-twistd.hcl"
+start twistd $TWISTD_PORT "$PY" -c 'from twisted.scripts.twistd import run; run()' \
+  -n --pidfile= a3s-gateway --config "$run_dir/bench-twistd.hcl" && twistd_ok=1
 start hello $HELLO_PORT "$PY" bench/hello.py $HELLO_PORT && hello_ok=1
 start chain $CHAIN_PORT "$PY" -m a3s_gateway.cli --config "$run_dir/bench-middleware.hcl" && chain_ok=1
 BENCH_ACCESS_LOG="$run_dir/access.log" start observed $OBSERVED_PORT \
@@ -268,6 +274,7 @@ if [ "$have_haproxy" = 1 ]; then
 fi
 measure stock "twisted stock ReverseProxyResource" $STOCK_PORT $stock_ok
 measure gateway "a3s-gateway" $GATEWAY_PORT $gateway_ok
+measure gateway-twistd "a3s-gateway, twistd default reactor" $TWISTD_PORT $twistd_ok
 measure hello "twisted.web hello-world" $HELLO_PORT $hello_ok
 measure chain "a3s-gateway + api-key,rate,headers" $CHAIN_PORT $chain_ok "X-API-Key: bench-key"
 measure observed "a3s-gateway + metrics,access log" $OBSERVED_PORT $observed_ok
@@ -283,5 +290,6 @@ ratio() { # numerator-key denominator-key
 echo
 echo "gateway / stock proxy: $(ratio gateway stock)"
 echo "gateway / hello-world: $(ratio gateway hello)"
+echo "gateway under twistd (default reactor) / hello-world: $(ratio gateway-twistd hello)"
 echo "middleware chain / gateway: $(ratio chain gateway)"
 echo "observability on / gateway: $(ratio observed gateway)"

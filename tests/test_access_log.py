@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from types import SimpleNamespace
 from typing import Any, Dict, List, cast
 
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.task import Clock
-from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
+from twisted.logger import (
+    ILogObserver,
+    LogEvent,
+    Logger,
+    formatEvent,
+    formatEventAsClassicLogText,
+    globalLogPublisher,
+)
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
@@ -255,6 +263,11 @@ class EventTests(SynchronousTestCase):
         self.assertEqual(event["log_level"].name, "info")
         self.assertEqual(event["access"]["router"], "r")
         self.assertEqual(json.loads(formatEvent(event)), event["access"])
+        self.assertEqual(event["access_json"], json.dumps(event["access"], separators=(",", ":")))
+        self.assertIsInstance(event["log_logger"], Logger)
+        self.assertIsNone(event["log_source"])
+        self.assertLess(abs(event["log_time"] - time.time()), 60)
+        self.assertIn("[a3s.access#info]", formatEventAsClassicLogText(event))
 
     def test_not_in_global_log(self) -> None:
         """

@@ -53,6 +53,7 @@ FLUSH_INTERVAL = 1.0
 """Seconds between timed flushes."""
 
 _log = Logger()
+_encode = json.JSONEncoder(separators=(",", ":")).encode
 
 
 class AccessLogError(Exception):
@@ -251,11 +252,19 @@ class AccessLog(Service):
         @param request: a L{a3s_gateway.proxy.site.GatewayRequest}.
         """
         record = self.record(entrypoint, request)
-        self._log.emit(
-            LogLevel.info,
-            "{access_json}",
-            access=record,
-            access_json=json.dumps(record, separators=(",", ":")),
+        # The event Logger.emit makes, made here: emit checks the level against every LogLevel
+        # constant on each call, and json.dumps with options builds an encoder per call.
+        self.publisher(
+            {
+                "log_logger": self._log,
+                "log_level": LogLevel.info,
+                "log_namespace": NAMESPACE,
+                "log_source": None,
+                "log_format": "{access_json}",
+                "log_time": time.time(),
+                "access": record,
+                "access_json": _encode(record),
+            }
         )
 
     def record(self, entrypoint: str, request: Any) -> Dict[str, Any]:
