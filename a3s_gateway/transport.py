@@ -161,6 +161,9 @@ class _TurnFlushing(tcp.Connection):
                 FileDescriptor.startWriting(self)
             return
         pieces = self._tempDataBuffer
+        if not pieces:
+            # Already sent by Twisted's path (the socket was registered for writability).
+            return
         data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         self._tempDataBuffer = []
         self._tempDataLen = 0

@@ -17,7 +17,7 @@
 #   PYPY=pypy    when set, every measure is repeated with the Python rows on it ("(PyPy)" rows)
 #   BENCH_RESULTS=file   keep the raw RESULT lines there (default: a temporary file)
 # needs: wrk. Optional: nginx, haproxy (their rows are left out when missing).
-# Ports used: 127.0.0.1:9310-9348 (run.sh on 9340-9348, clear of a hand-run run.sh on 9300).
+# Ports used: 127.0.0.1:9310-9349 (run.sh on 9340-9349, clear of a hand-run run.sh on 9300).
 set -u
 export LC_ALL=C
 here=$(cd "$(dirname "$0")" && pwd)
