@@ -6,7 +6,7 @@ driven over Twisted's L{StringTransport}.
 from __future__ import annotations
 
 import json
-from typing import List
+from typing import List, Optional
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
@@ -43,6 +43,16 @@ class _Recorder(Resource):
         return b"%d" % (len(request.content.read()),)
 
 
+def connected(
+    site: GatewaySite, transport: Optional[StringTransport] = None
+) -> tuple[GatewayChannel, StringTransport]:
+    """A connection of C{site} from 127.0.0.1 over C{transport} (a new L{StringTransport})."""
+    channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
+    transport = StringTransport() if transport is None else transport
+    channel.makeConnection(transport)
+    return channel, transport
+
+
 class SiteTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = MemoryReactorClock()
@@ -50,10 +60,7 @@ class SiteTests(SynchronousTestCase):
         self.site = GatewaySite(self.resource, self.clock, max_request_body_bytes=10)
 
     def connect(self) -> tuple[GatewayChannel, StringTransport]:
-        channel = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
-        transport = StringTransport()
-        channel.makeConnection(transport)
-        return channel, transport
+        return connected(self.site)
 
     def test_body_within_limit(self) -> None:
         """
@@ -161,9 +168,7 @@ class SiteTests(SynchronousTestCase):
                 )
 
         site = GatewaySite(Addresses(), MemoryReactorClock(), max_request_body_bytes=10)
-        channel = site.buildProtocol(IPv4Address("TCP", "10.1.2.3", 5555))
-        transport = Counting()
-        channel.makeConnection(transport)
+        channel, transport = connected(site, Counting())
         channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 3)
         self.assertEqual(transport.value().count(b"10.1.2.3 10.9.9.9"), 3)
         self.assertEqual(sorted(asked), ["host", "peer"])
@@ -288,9 +293,7 @@ class OnePassHeadTests(SynchronousTestCase):
 
     def answer(self, raw: bytes, whole: bool) -> tuple[bytes, bool]:
         site = GatewaySite(_Echo(), MemoryReactorClock(), max_request_body_bytes=10)
-        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
-        transport = StringTransport()
-        channel.makeConnection(transport)
+        channel, transport = connected(site)
         if whole:
             channel.dataReceived(raw)
         else:
@@ -317,9 +320,7 @@ class OnePassHeadTests(SynchronousTestCase):
         A whole head is not split into lines by twisted.web: its line parser never runs.
         """
         site = GatewaySite(_Echo(), MemoryReactorClock(), max_request_body_bytes=10)
-        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
-        transport = StringTransport()
-        channel.makeConnection(transport)
+        channel, transport = connected(site)
         lines: List[bytes] = []
         original = channel.lineReceived
 
@@ -373,10 +374,7 @@ class IdleTimeoutTests(SynchronousTestCase):
         self.site = GatewaySite(self.resource, self.clock, max_request_body_bytes=10, timeout=30)
 
     def connect(self) -> tuple[GatewayChannel, StringTransport]:
-        channel = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
-        transport = StringTransport()
-        channel.makeConnection(transport)
-        return channel, transport
+        return connected(self.site)
 
     def test_idle_connection_closed(self) -> None:
         """
@@ -447,9 +445,7 @@ class ObserverTests(SynchronousTestCase):
             raise ValueError("observer bug")
 
         site.observers.extend([broken, lambda request: seen.append(request.uri)])  # type: ignore[attr-defined]
-        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
-        transport = StringTransport()
-        channel.makeConnection(transport)
+        channel, transport = connected(site)
         channel.dataReceived(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertIn(b"200 OK", transport.value())
         self.assertEqual(seen, [b"/x"])
