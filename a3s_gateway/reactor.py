@@ -60,7 +60,8 @@ class GatewayReactor(EPollReactor):
     def doPoll(self, timeout: Optional[float]) -> None:
         """
         Wait for events up to C{timeout} seconds (forever if None) and handle each, as
-        L{EPollReactor.doPoll} does, calling the handler directly.
+        L{EPollReactor.doPoll} does, calling the handler directly; send the queued writes after
+        every L{SEND_EVERY} handled events.
         """
         if timeout is None:
             timeout = -1
