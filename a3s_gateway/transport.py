@@ -59,7 +59,9 @@ class TurnFlusher:
     """
 
     def __init__(self, reactor: Any) -> None:
-        self._reactor = reactor
+        # Weakly: the flusher is the reactor's value in a weak-keyed table, and a value that
+        # held its key would keep every reactor that ever wrote alive.
+        self._reactor: weakref.ref[Any] = weakref.ref(reactor)
         self._queued: List[_TurnFlushing] = []
         self._call: Optional[IDelayedCall] = None
 
@@ -70,7 +72,8 @@ class TurnFlusher:
         # A call cancelled by someone else (trial does so with the calls a test left pending)
         # must not leave every later write waiting.
         if call is None or not call.active():
-            self._call = self._reactor.callLater(0, self.flush)
+            # The reactor is alive: its transport is writing.
+            self._call = self._reactor().callLater(0, self.flush)  # type: ignore[union-attr]
 
     def flush(self) -> None:
         """

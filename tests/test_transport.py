@@ -7,7 +7,9 @@ the fallback to the reactor's own transports for reactors without file descripto
 
 from __future__ import annotations
 
+import gc
 import socket
+import weakref
 from typing import Any, List, Optional
 
 from twisted.internet import defer, reactor
@@ -22,6 +24,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
+from a3s_gateway.reactor import GatewayReactor
 from a3s_gateway.testing import unused_tcp_port
 from a3s_gateway.transport import (
     Client,
@@ -327,6 +330,20 @@ class TurnFlushTests(TestCase):
         server.transport.write(b"later")
         self.assertEqual(len(reactor.getDelayedCalls()), pending)
         self.assertEqual((yield client.received_at_least(9)), b"now later")
+
+    def test_reactor_not_kept(self) -> None:
+        """
+        A reactor whose transports wrote is not kept alive by its flusher.
+        """
+        other = GatewayReactor()
+        flusher_for(other)
+        for selectable in other.removeAll():
+            selectable.connectionLost(_DONE)  # type: ignore[attr-defined]
+        other._poller.close()
+        gone = weakref.ref(other)
+        del other
+        gc.collect()
+        self.assertIsNone(gone())
 
     def test_one_flusher_per_reactor(self) -> None:
         """Each reactor has its own flusher."""

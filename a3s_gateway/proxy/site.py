@@ -260,11 +260,9 @@ class GatewayChannel(http.HTTPChannel):
         """
         if self._discarding:
             return
-        end = data.find(b"\r\n\r\n")
+        # At the start of a request only (checked first: a body's pieces are never scanned).
         if (
-            end > 0
-            and end < self.totalHeadersSize
-            and self.line_mode
+            self.line_mode
             and not self._buffer
             and not self._receivedHeaderSize
             and not self._handlingRequest
@@ -272,8 +270,8 @@ class GatewayChannel(http.HTTPChannel):
             and not self.paused
             and self.persistent
         ):
-            lines = data[:end].split(b"\r\n")
-            if self._read_head(lines):
+            end = data.find(b"\r\n\r\n", 0, self.totalHeadersSize)
+            if end > 0 and self._read_head(data[:end].split(b"\r\n")):
                 rest = data[end + 4 :]
                 # Pipelined requests, or a body, go on as if they had arrived next; as in
                 # LineReceiver, nothing more is read once the connection is closing.
