@@ -147,10 +147,8 @@ class Decision(NamedTuple):
         """
         Set the rate-limit headers on a response (replacing any the upstream sent).
         """
-        headers.setRawHeaders(b"X-RateLimit-Limit", [b"%d" % self.limit])
-        headers.setRawHeaders(b"X-RateLimit-Remaining", [b"%d" % self.remaining])
-        if self.reset is not None:
-            headers.setRawHeaders(b"X-RateLimit-Reset", [b"%d" % self.reset])
+        for name, value in self.headers():
+            headers.setRawHeaders(name, [value])
 
 
 def refill_and_take(

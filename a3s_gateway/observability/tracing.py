@@ -305,18 +305,15 @@ class Tracer:
         return rate >= 1.0 or (rate > 0.0 and self._random.random() < rate)
 
     def _new_ids(self) -> str:
-        """48 hex digits: a trace id (32) then a span id (16), neither all zeros."""
+        """
+        48 hex digits from one draw: a new trace id (32), then a new span id (16), neither all
+        zeros.
+        """
         getrandbits = self._random.getrandbits
         value = getrandbits(192)
         while not value >> 64 or not value & _SPAN_BITS:
             value = getrandbits(192)
         return f"{value:048x}"
-
-    def _new_span_id(self) -> str:
-        value = 0
-        while not value:
-            value = self._random.getrandbits(64)
-        return f"{value:016x}"
 
     def begin(self, headers: Headers) -> Span:
         """
@@ -328,20 +325,16 @@ class Tracer:
             incoming = _b3_single(headers)
             if incoming is None:
                 incoming = _b3_multi(headers)
+        ids = self._new_ids()
         if incoming is None:
-            # Most requests: a new root, both ids from one draw.
-            ids = self._new_ids()
+            # Most requests: a new root.
             return Span(ids[:32], ids[32:], None, self._sample(), None, self._clock.seconds())
         sampled = incoming.sampled
         if sampled is None:
             sampled = self._sample()
-        trace_id = incoming.trace_id
-        span_id = self._new_span_id()
-        if trace_id is None:
-            trace_id = self._new_ids()[:32]
         return Span(
-            trace_id=trace_id,
-            span_id=span_id,
+            trace_id=incoming.trace_id or ids[:32],
+            span_id=ids[32:],
             parent_span_id=incoming.span_id,
             sampled=sampled,
             tracestate=incoming.tracestate,
