@@ -7,6 +7,8 @@
 #   PY=python        interpreter with Twisted and a3s-gateway's dependencies (default: python3);
 #                    the gateway, the stock proxy and the hello-world all run on it
 #   WARMUP=seconds   unmeasured wrk run before each row (default 1; 0 to skip)
+#   ROUNDS=n         runs per row, the rows taking turns; each row's figures are the medians of
+#                    its runs, together lasting about the given seconds (default 3)
 #   BENCH_RESULTS=file  also append machine-readable "RESULT measure|row|value|unit" lines there
 #                    (bench/suite.sh reads them), measure named by BENCH_MEASURE (default
 #                    throughput) and rows suffixed with " (BENCH_LABEL)" when that is set
@@ -22,6 +24,7 @@ secs=${1:-8}
 conns=${2:-50}
 PY=${PY:-python3}
 WARMUP=${WARMUP:-1}
+ROUNDS=${ROUNDS:-3}
 
 # BENCH_PORT_BASE moves every port (default 9300; the .hcl files are rewritten to match).
 base=${BENCH_PORT_BASE:-9300}
@@ -230,54 +233,89 @@ except Exception as e:
 EOF
 }
 
-printf '%-34s %11s %10s %10s  %s\n' "row" "req/s" "p50 ms" "p99 ms" "notes"
-printf '%-34s %11s %10s %10s  %s\n' "---" "-----" "------" "------" "-----"
-declare -A rps_of=()
-measure() { # key label port ok [header]
-  local key=$1 label=$2 port=$3 ok=$4 header=${5:-} status out rps p50 p99 notes
-  local extra=()
-  [ -n "$header" ] && extra=(-H "$header")
-  if [ "$ok" != 1 ]; then
-    printf '%-34s %11s %10s %10s  %s\n' "$label" "-" "-" "-" "did not start"
-    return
-  fi
-  status=$(status_of "$port" "$header")
-  if [ "$WARMUP" != 0 ]; then
-    wrk -t1 -c"$conns" -d"${WARMUP}s" "${extra[@]}" "http://127.0.0.1:$port/" >/dev/null 2>&1
-  fi
-  out=$(wrk -t1 -c"$conns" -d"${secs}s" --latency "${extra[@]}" "http://127.0.0.1:$port/" 2>&1)
-  IFS='|' read -r rps p50 p99 notes <<<"$(printf '%s\n' "$out" | parse_wrk)"
-  [ "$status" = 200 ] || notes="GET / answered $status; $notes"
-  if [ -z "$rps" ]; then
-    notes="wrk failed: $(printf '%s\n' "$out" | tail -n 1)"
-  else
-    rps_of[$key]=$rps
-    if [ -n "${BENCH_RESULTS:-}" ]; then
-      local row=$key
-      [ -n "${BENCH_LABEL:-}" ] && row="$key ($BENCH_LABEL)"
-      printf 'RESULT %s_rps|%s|%s|req/s\nRESULT %s_p50|%s|%s|ms\nRESULT %s_p99|%s|%s|ms\n' \
-        "${BENCH_MEASURE:-throughput}" "$row" "$rps" "${BENCH_MEASURE:-throughput}" "$row" "$p50" \
-        "${BENCH_MEASURE:-throughput}" "$row" "$p99" >>"$BENCH_RESULTS"
-    fi
-  fi
-  printf '%-34s %11s %10s %10s  %s\n' "$label" "${rps:--}" \
-    "$([ -n "$p50" ] && printf '%.2f' "$p50" || echo -)" \
-    "$([ -n "$p99" ] && printf '%.2f' "$p99" || echo -)" "${notes%; }"
+# Every row is measured in ROUNDS short runs, the rows taking turns (round 1 of every row, then
+# round 2, ...), and reported as the median of its runs: on a shared machine throughput drifts by
+# 10-30% within seconds, and rows compared with each other are then measured close together in time,
+# several times over, rather than once each minutes apart.
+round_secs=$(( (secs + ROUNDS - 1) / ROUNDS ))
+declare -A rps_of=() runs_of=() p50s_of=() p99s_of=() notes_of=()
+keys=() labels=() ports=() oks=() headers=()
+row() { # key label port ok [header]
+  keys+=("$1"); labels+=("$2"); ports+=("$3"); oks+=("$4"); headers+=("${5:-}")
+}
+row backend "$backend_label" $BACKEND_PORT $backend_ok
+[ "$have_nginx" = 1 ] && row nginx-proxy "nginx proxy (upstream keepalive)" $NGINX_PROXY_PORT $nginx_proxy_ok
+[ "$have_haproxy" = 1 ] && row haproxy "HAProxy (1 thread)" $HAPROXY_PORT $haproxy_ok
+row stock "twisted stock ReverseProxyResource" $STOCK_PORT $stock_ok
+row gateway "a3s-gateway" $GATEWAY_PORT $gateway_ok
+row gateway-twistd "a3s-gateway, twistd default reactor" $TWISTD_PORT $twistd_ok
+row hello "twisted.web hello-world" $HELLO_PORT $hello_ok
+row chain "a3s-gateway + api-key,rate,headers" $CHAIN_PORT $chain_ok "X-API-Key: bench-key"
+row observed "a3s-gateway + metrics,access log" $OBSERVED_PORT $observed_ok
+
+wrk_args() { # index -> wrk's header arguments for that row, one per line
+  [ -n "${headers[$1]}" ] && printf '%s\n' -H "${headers[$1]}"
 }
 
-measure backend "$backend_label" $BACKEND_PORT $backend_ok
-if [ "$have_nginx" = 1 ]; then
-  measure nginx-proxy "nginx proxy (upstream keepalive)" $NGINX_PROXY_PORT $nginx_proxy_ok
-fi
-if [ "$have_haproxy" = 1 ]; then
-  measure haproxy "HAProxy (1 thread)" $HAPROXY_PORT $haproxy_ok
-fi
-measure stock "twisted stock ReverseProxyResource" $STOCK_PORT $stock_ok
-measure gateway "a3s-gateway" $GATEWAY_PORT $gateway_ok
-measure gateway-twistd "a3s-gateway, twistd default reactor" $TWISTD_PORT $twistd_ok
-measure hello "twisted.web hello-world" $HELLO_PORT $hello_ok
-measure chain "a3s-gateway + api-key,rate,headers" $CHAIN_PORT $chain_ok "X-API-Key: bench-key"
-measure observed "a3s-gateway + metrics,access log" $OBSERVED_PORT $observed_ok
+median() { # numbers... -> their median (the mean of the middle two for an even count)
+  printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END {
+    if (NR == 0) exit; if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
+for i in "${!keys[@]}"; do # each row answers 200 and is warmed up before any is measured
+  [ "${oks[$i]}" = 1 ] || continue
+  mapfile -t extra < <(wrk_args "$i")
+  status=$(status_of "${ports[$i]}" "${headers[$i]}")
+  [ "$status" = 200 ] || notes_of[${keys[$i]}]+="GET / answered $status; "
+  if [ "$WARMUP" != 0 ]; then
+    wrk -t1 -c"$conns" -d"${WARMUP}s" "${extra[@]}" "http://127.0.0.1:${ports[$i]}/" >/dev/null 2>&1
+  fi
+done
+for _ in $(seq "$ROUNDS"); do
+  for i in "${!keys[@]}"; do
+    [ "${oks[$i]}" = 1 ] || continue
+    key=${keys[$i]}
+    mapfile -t extra < <(wrk_args "$i")
+    out=$(wrk -t1 -c"$conns" -d"${round_secs}s" --latency "${extra[@]}" \
+      "http://127.0.0.1:${ports[$i]}/" 2>&1)
+    IFS='|' read -r rps p50 p99 notes <<<"$(printf '%s\n' "$out" | parse_wrk)"
+    if [ -z "$rps" ]; then
+      notes_of[$key]+="wrk failed: $(printf '%s\n' "$out" | tail -n 1); "
+      continue
+    fi
+    runs_of[$key]+="$rps "
+    [ -n "$p50" ] && p50s_of[$key]+="$p50 "
+    [ -n "$p99" ] && p99s_of[$key]+="$p99 "
+    notes_of[$key]+=$notes
+  done
+done
+
+printf '%-34s %11s %10s %10s  %s\n' "row" "req/s" "p50 ms" "p99 ms" "notes"
+printf '%-34s %11s %10s %10s  %s\n' "---" "-----" "------" "------" "-----"
+for i in "${!keys[@]}"; do
+  key=${keys[$i]} label=${labels[$i]}
+  if [ "${oks[$i]}" != 1 ]; then
+    printf '%-34s %11s %10s %10s  %s\n' "$label" "-" "-" "-" "did not start"
+    continue
+  fi
+  # shellcheck disable=SC2086 # the runs are space-separated numbers
+  rps=$(median ${runs_of[$key]:-}) p50=$(median ${p50s_of[$key]:-}) p99=$(median ${p99s_of[$key]:-})
+  notes=${notes_of[$key]:-}
+  [ -n "${runs_of[$key]:-}" ] && notes="runs: $(printf '%.0f ' ${runs_of[$key]} | sed 's/ $//'); $notes"
+  if [ -n "$rps" ]; then
+    rps_of[$key]=$rps
+    if [ -n "${BENCH_RESULTS:-}" ]; then
+      result_row=$key
+      [ -n "${BENCH_LABEL:-}" ] && result_row="$key ($BENCH_LABEL)"
+      printf 'RESULT %s_rps|%s|%s|req/s\nRESULT %s_p50|%s|%s|ms\nRESULT %s_p99|%s|%s|ms\n' \
+        "${BENCH_MEASURE:-throughput}" "$result_row" "$rps" "${BENCH_MEASURE:-throughput}" \
+        "$result_row" "$p50" "${BENCH_MEASURE:-throughput}" "$result_row" "$p99" >>"$BENCH_RESULTS"
+    fi
+  fi
+  printf '%-34s %11s %10s %10s  %s\n' "$label" "$([ -n "$rps" ] && printf '%.2f' "$rps" || echo -)" \
+    "$([ -n "$p50" ] && printf '%.2f' "$p50" || echo -)" \
+    "$([ -n "$p99" ] && printf '%.2f' "$p99" || echo -)" "${notes%; }"
+done
 
 ratio() { # numerator-key denominator-key
   local a=${rps_of[$1]:-} b=${rps_of[$2]:-}

@@ -4,6 +4,7 @@ Tests for L{a3s_gateway.middleware.api_key}: the key header checked against ever
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Sequence, Tuple
 
@@ -129,14 +130,23 @@ class ApiKeyTests(SynchronousTestCase):
 
     def test_every_key_compared(self) -> None:
         """
-        The match does not depend on the key's position in the list (every key is compared,
-        with no early exit), and keys of any length are compared.
+        Any key of the list matches, whatever its position and length, and nothing else does.
         """
         keys = ["k" * n for n in (1, 10, 100, 1000)]
         middleware = _api_key(keys=keys)
         for key in keys:
             self.assertIsNone(middleware.on_request(_ctx([(b"X-API-Key", key.encode())])))
         self.assertRejected(middleware.on_request(_ctx([(b"X-API-Key", b"k" * 11)])))
+
+    def test_digests_salted(self) -> None:
+        """
+        The keys are kept only as digests salted at random for each middleware: two middlewares
+        with the same key keep different digests, none of them the key's plain digest.
+        """
+        first, second = _api_key(keys=["alpha"]), _api_key(keys=["alpha"])
+        self.assertEqual(len(first._digests), 1)
+        self.assertTrue(first._digests.isdisjoint(second._digests))
+        self.assertNotIn(hashlib.blake2s(b"alpha").digest(), first._digests)
 
     def test_visible_ascii(self) -> None:
         """

@@ -10,10 +10,13 @@ from twisted.web.http_headers import Headers
 from a3s_gateway.addresses import Networks
 from a3s_gateway.proxy.headers import (
     TrustedProxies,
+    add_checked,
     add_vary,
+    canonical_name,
     connection_tokens,
     forward_request_headers,
     response_headers,
+    set_all_checked,
 )
 
 
@@ -245,3 +248,44 @@ class AddVaryTests(SynchronousTestCase):
         headers = Headers({b"Vary": [b"*"]})
         add_vary(headers, b"Origin")
         self.assertEqual(headers.getRawHeaders(b"vary"), [b"*"])
+
+
+class CheckedHeadersTests(SynchronousTestCase):
+    """
+    The shortcuts for names and values checked beforehand store exactly what twisted.web's own
+    methods store.
+    """
+
+    NAMES = [b"x-ratelimit-limit", b"X-Frame-Options", b"www-authenticate", b"ETAG", b"te"]
+
+    def test_canonical_name(self) -> None:
+        """
+        L{canonical_name} capitalises as L{Headers} does, special cases included.
+        """
+        self.assertEqual(canonical_name(b"x-ratelimit-limit"), b"X-Ratelimit-Limit")
+        self.assertEqual(canonical_name(b"www-authenticate"), b"WWW-Authenticate")
+
+    def test_set_all_checked(self) -> None:
+        """
+        L{set_all_checked} replaces every value of each header as C{setRawHeaders} does, in
+        order (a name given twice keeps its last value).
+        """
+        for name in self.NAMES:
+            ours, theirs = _raw((name, b"old"), (b"Other", b"o")), _raw((name, b"old"))
+            theirs.addRawHeader(b"Other", b"o")
+            pairs = [(canonical_name(name), b"new"), (b"New-One", b"1"), (b"New-One", b"2")]
+            set_all_checked(ours, pairs)
+            for pair_name, value in pairs:
+                theirs.setRawHeaders(pair_name, [value])
+            self.assertEqual(list(ours.getAllRawHeaders()), list(theirs.getAllRawHeaders()))
+
+    def test_add_checked(self) -> None:
+        """
+        L{add_checked} adds a value after those already there, as C{addRawHeader} does.
+        """
+        for name in self.NAMES:
+            ours, theirs = Headers(), Headers()
+            for value in (b"1", b"2"):
+                add_checked(ours, canonical_name(name), value)
+                theirs.addRawHeader(name, value)
+            self.assertEqual(list(ours.getAllRawHeaders()), list(theirs.getAllRawHeaders()))

@@ -93,6 +93,34 @@ class PipelineTests(SynchronousTestCase):
         self.assertIs(self.successResultOf(result), reply)  # type: ignore[arg-type]
         self.assertEqual(log, ["request:a"])
 
+    def test_phases_of_their_own(self) -> None:
+        """
+        Only middlewares with a phase of their own take part in it (body-limit and retry have
+        none; a middleware may have one phase only), in order, and a waiting middleware resumes
+        the phase at the next one that takes part.
+        """
+
+        class RequestOnly(Middleware):
+            def on_request(self, ctx: RequestContext) -> RequestResult:
+                log.append(f"request:{self.name}")
+                return None
+
+        log: List[str] = []
+        waiting: defer.Deferred[Optional[Reply]] = defer.Deferred()
+        first = _Recorder("a", log, waiting)
+        second = RequestOnly("b")
+        third = _Recorder("c", log)
+        retry = Retry("r", 2, 0.1, frozenset(), False)
+        pipeline = Pipeline([first, BodyLimit("limit", 10), second, retry, third])
+        self.assertEqual(pipeline.requesters, (first, second, third))
+        self.assertEqual(pipeline.responders, (third, first))
+        ctx = _ctx()
+        result = pipeline.run_request(ctx)
+        waiting.callback(None)
+        self.assertIsNone(self.successResultOf(result))  # type: ignore[arg-type]
+        pipeline.run_response(ctx, 200, Headers())
+        self.assertEqual(log, ["request:a", "request:b", "request:c", "response:c", "response:a"])
+
     def test_policies(self) -> None:
         """
         The smallest body-limit and the last retry policy of a router are exposed to the proxy.

@@ -25,7 +25,6 @@ from a3s_gateway.middleware.rate_limit import (
     TokenBuckets,
     build,
     key_function,
-    refill_and_take,
 )
 from a3s_gateway.router.rule import RequestFacts
 
@@ -364,14 +363,14 @@ class TableBoundTests(SynchronousTestCase):
         """
         buckets = TokenBuckets(rate=1, burst=1, max_keys=3)
         for key in ("a", "b", "c"):
-            self.assertTrue(buckets.take(key, 0.0).allowed)
-        self.assertFalse(buckets.take("a", 0.0).allowed)
-        self.assertTrue(buckets.take("d", 0.0).allowed)
+            self.assertTrue(buckets.take(key, 0.0)[0])
+        self.assertFalse(buckets.take("a", 0.0)[0])
+        self.assertTrue(buckets.take("d", 0.0)[0])
         self.assertEqual(len(buckets), 3)
-        self.assertFalse(buckets.take("a", 0.0).allowed)
-        self.assertFalse(buckets.take("d", 0.0).allowed)
+        self.assertFalse(buckets.take("a", 0.0)[0])
+        self.assertFalse(buckets.take("d", 0.0)[0])
         # "b" was the least recently used: forgotten, it comes back full.
-        self.assertTrue(buckets.take("b", 0.0).allowed)
+        self.assertTrue(buckets.take("b", 0.0)[0])
         self.assertEqual(len(buckets), 3)
 
     def test_flood_of_keys(self) -> None:
@@ -387,18 +386,28 @@ class TableBoundTests(SynchronousTestCase):
 
 class ArithmeticTests(SynchronousTestCase):
     """
-    The shared token-bucket step and decision.
+    The token-bucket step and the shared decision.
     """
 
-    def test_refill_and_take(self) -> None:
+    def test_take(self) -> None:
         """
-        C{refill_and_take} refills for the elapsed time, caps at the burst and takes one token.
+        C{TokenBuckets.take} refills for the elapsed time, caps at the burst and takes one token
+        when there is one; a clock that went backwards refills nothing.
         """
-        self.assertEqual(refill_and_take(0.0, 1.5, 2, 10)[0], 2.0)
-        self.assertEqual(refill_and_take(9.5, 100, 2, 10)[0], 9.0)
-        tokens, decision = refill_and_take(0.5, 0.1, 1, 10)
+        buckets = TokenBuckets(rate=2, burst=10)
+        self.assertEqual(buckets.take("k", 0.0), (True, 9.0))
+        for _ in range(9):
+            buckets.take("k", 0.0)
+        self.assertEqual(buckets.take("k", 0.0), (False, 0.0))
+        self.assertEqual(buckets.take("k", 1.5), (True, 2.0))
+        self.assertEqual(buckets.take("k", 100.0), (True, 9.0))
+        self.assertEqual(buckets.take("k", 50.0), (True, 8.0))
+        buckets = TokenBuckets(rate=1, burst=10)
+        for _ in range(10):
+            buckets.take("k", 0.0)
+        allowed, tokens = buckets.take("k", 0.6)
+        self.assertFalse(allowed)
         self.assertAlmostEqual(tokens, 0.6)
-        self.assertFalse(decision.allowed)
 
     def test_decision_rounding(self) -> None:
         """

@@ -16,8 +16,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http import HTTPChannel
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
+import twisted
 from a3s_gateway.proxy.site import GatewayChannel, GatewaySite, parse_request_line
 
 
@@ -360,6 +361,89 @@ class OnePassHeadTests(SynchronousTestCase):
         ]
         for line in bad:
             self.assertIsNone(parse_request_line(line), line)
+
+
+# Header lines the channel takes or refuses by twisted.web's rules (those of Twisted 26).
+_HEADER_LINES = [
+    b"Host: x",
+    b"X-Spaced:  a b \t",
+    b"X-Empty:",
+    b"x-lower-case: v",
+    b"WWW-authenticate: special capitals",
+    b"X-High: \x80\xff",
+    b"X-Colons: a:b:c",
+    b"Content-Type: text/plain",
+    b"Content-Length: 0",
+    b"Content-Length: x",
+    b"Transfer-Encoding: gzip",
+    b"No colon",
+    b": no name",
+    b"Bad Name: x",
+    b"X(: x",
+    b"X: a\x00b",
+]
+# Refused by Twisted 26 and by the channel on every release (older ones let them through).
+_LINE_BREAKS_IN_VALUE = [b"X: a\rb", b"X: a\nb", b"X: a\r"]
+
+
+class HeaderRulesTests(SynchronousTestCase):
+    """
+    The channel takes header lines by twisted.web's rules, in one loop of its own.
+    """
+
+    def answer(self, site: Site, header: bytes) -> bytes:
+        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(b"GET / HTTP/1.1\r\nX-First: 1\r\n" + header + b"\r\n\r\n")
+        status, _, rest = transport.value().partition(b"\r\n")
+        # The echoed request (the body), or the refusal's status line alone.
+        return status + (rest.partition(b"\r\n\r\n")[2] if b" 200 " in status else b"")
+
+    def test_same_as_twisted_web(self) -> None:
+        """
+        Each line is taken (with the same name, capitals and value) or refused (with the same
+        status) as twisted.web's own channel does.
+        """
+        ours = GatewaySite(_Echo(), MemoryReactorClock(), max_request_body_bytes=10)
+        stock = Site(_Echo(), reactor=MemoryReactorClock())
+        lines = list(_HEADER_LINES)
+        if twisted.version.major >= 26:
+            lines += _LINE_BREAKS_IN_VALUE
+        for line in lines:
+            self.assertEqual(self.answer(ours, line), self.answer(stock, line), line)
+
+    def test_line_breaks_in_value_refused(self) -> None:
+        """
+        A value holding a bare CR or LF is refused with 400 whatever Twisted's release (it could
+        hide a second header from a server behind the gateway).
+        """
+        site = GatewaySite(_Echo(), MemoryReactorClock(), max_request_body_bytes=10)
+        for line in _LINE_BREAKS_IN_VALUE:
+            self.assertTrue(self.answer(site, line).startswith(b"HTTP/1.1 400 "), line)
+
+    def test_header_values_stored_as_twisted_stores_them(self) -> None:
+        """
+        Repeated headers keep every value in order under one canonical name, as
+        C{Headers.addRawHeader} keeps them.
+        """
+        site = GatewaySite(_Echo(), MemoryReactorClock(), max_request_body_bytes=10)
+        seen: List[Headers] = []
+
+        class Keep(Resource):
+            isLeaf = True
+
+            def render(self, request: Request) -> bytes:
+                seen.append(request.requestHeaders)
+                return b""
+
+        site.resource = Keep()
+        channel, _ = connected(site)
+        channel.dataReceived(b"GET / HTTP/1.1\r\nx-two: 1\r\nHost: h\r\nX-TWO: 2\r\n\r\n")
+        expected = Headers()
+        for name, value in [(b"x-two", b"1"), (b"Host", b"h"), (b"X-TWO", b"2")]:
+            expected.addRawHeader(name, value)
+        self.assertEqual(list(seen[0].getAllRawHeaders()), list(expected.getAllRawHeaders()))
 
 
 class IdleTimeoutTests(SynchronousTestCase):

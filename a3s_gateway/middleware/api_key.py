@@ -9,17 +9,19 @@ The header's first value must be visible ASCII (as the reference's ``to_str``) a
 key exactly, byte for byte and case-sensitively. Anything else answers
 ``401 {"error":"Invalid or missing API key"}`` with ``Content-Type: application/json``.
 
-The comparison does not leak which key matched nor how much of one: the SHA-256 digest of the
-presented value is compared with L{hmac.compare_digest} against the digest of every key, with
-no early exit, so the time taken depends on neither the keys' contents nor their lengths. The
-key header itself is forwarded upstream unchanged, as in the reference.
+The comparison does not leak which key matched nor how much of one: the presented value is
+hashed (BLAKE2s) after a random salt drawn when the middleware is built, and the digest looked
+up among the salted digests of the keys. What the lookup's timing could tell depends only on
+digests nobody can compute without the salt, so it reveals neither the keys' contents nor their
+lengths; and one hash and one set lookup cost the same whatever the number of keys. The key
+header itself is forwarded upstream unchanged, as in the reference.
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
-from typing import Sequence, Tuple, cast
+import os
+from typing import FrozenSet, Sequence, cast
 
 from a3s_gateway.config.schema import MiddlewareConfig
 from a3s_gateway.middleware.base import (
@@ -58,21 +60,24 @@ class ApiKey(Middleware):
     def __init__(self, name: str, header: bytes, keys: Sequence[bytes]) -> None:
         super().__init__(name)
         self.header = header
-        self._digests: Tuple[bytes, ...] = tuple(hashlib.sha256(key).digest() for key in keys)
+        # A key that is not visible ASCII can never match (the reference rejects such a value
+        # before comparing), so it is left out here; a presented value that is not visible
+        # ASCII then equals no key, and need not be checked on every request.
+        self._salt = os.urandom(16)
+        self._digests: FrozenSet[bytes] = frozenset(
+            hashlib.blake2s(self._salt + key).digest() for key in keys if visible_ascii(key)
+        )
 
     def on_request(self, ctx: RequestContext) -> RequestResult:
         """
         Answer 401 unless the key header's first value is one of the keys.
         """
         values = ctx.headers.getRawHeaders(self.header)
-        if not values or not visible_ascii(values[0]):
+        if not values:
             return _REJECTED
-        presented = hashlib.sha256(values[0]).digest()
-        matched = False
-        # Every key is compared, whatever the earlier results: no early exit.
-        for digest in self._digests:
-            matched |= hmac.compare_digest(presented, digest)
-        return None if matched else _REJECTED
+        if hashlib.blake2s(self._salt + values[0]).digest() in self._digests:
+            return None
+        return _REJECTED
 
 
 def build(config: MiddlewareConfig, ctx: BuildContext) -> Middleware:

@@ -18,6 +18,7 @@ from twisted.web.http_headers import Headers
 
 from a3s_gateway.config.schema import MiddlewareConfig
 from a3s_gateway.middleware.base import BuildContext, Middleware, RequestContext, RequestResult
+from a3s_gateway.proxy.headers import canonical_name, set_all_checked
 
 _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _BAD_VALUE = re.compile(rb"[\r\n\x00]")
@@ -26,13 +27,16 @@ HeaderSets = Tuple[Tuple[bytes, bytes], ...]
 
 
 def _sets(entries: Mapping[str, str]) -> HeaderSets:
-    """The valid C{name = value} entries as bytes, in configuration order."""
+    """
+    The valid C{name = value} entries as bytes (the names canonical, for L{set_all_checked}), in
+    configuration order.
+    """
     valid = []
     for name, value in entries.items():
         raw_name = name.encode("utf-8")
         raw_value = value.encode("utf-8").strip(b" \t")
         if _TOKEN.match(raw_name) and not _BAD_VALUE.search(raw_value):
-            valid.append((raw_name, raw_value))
+            valid.append((canonical_name(raw_name), raw_value))
     return tuple(valid)
 
 
@@ -44,8 +48,7 @@ def _removals(names: Sequence[str]) -> Tuple[bytes, ...]:
 def _apply(headers: Headers, remove: Tuple[bytes, ...], sets: HeaderSets) -> None:
     for name in remove:
         headers.removeHeader(name)
-    for name, value in sets:
-        headers.setRawHeaders(name, [value])
+    set_all_checked(headers, sets)
 
 
 class HeadersMiddleware(Middleware):

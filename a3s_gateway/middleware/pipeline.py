@@ -54,13 +54,24 @@ class Pipeline:
     The middlewares of one router.
 
     @ivar middlewares: in request-phase order.
+    @ivar requesters: the middlewares with a request phase of their own, in order; the others
+        (body-limit, retry) are not called for each request.
+    @ivar responders: the middlewares with a response phase of their own, in response-phase
+        (reverse) order.
     @ivar body_limit: the smallest ``body-limit`` of the router, if any.
     @ivar retry: the router's ``retry`` policy, if any (the last one listed).
     """
 
     def __init__(self, middlewares: Sequence[Middleware]) -> None:
         self.middlewares = tuple(middlewares)
-        self._reversed = tuple(reversed(self.middlewares))
+        self.requesters = tuple(
+            m for m in self.middlewares if type(m).on_request is not Middleware.on_request
+        )
+        self.responders = tuple(
+            m
+            for m in reversed(self.middlewares)
+            if type(m).on_response is not Middleware.on_response
+        )
         limits = [m.max_body_bytes for m in self.middlewares if isinstance(m, BodyLimit)]
         self.body_limit: Optional[int] = min(limits) if limits else None
         retries = [m for m in self.middlewares if isinstance(m, Retry)]
@@ -70,12 +81,12 @@ class Pipeline:
         self, ctx: RequestContext, start: int = 0
     ) -> Union[Reply, defer.Deferred[Optional[Reply]], None]:
         """
-        Run the request phase from middleware C{start} on: None to proxy, a L{Reply} to answer,
+        Run the request phase from requester C{start} on: None to proxy, a L{Reply} to answer,
         or a Deferred firing with either when a middleware had to wait.
         """
-        middlewares = self.middlewares
-        for index in range(start, len(middlewares)):
-            result = middlewares[index].on_request(ctx)
+        requesters = self.requesters
+        for index in range(start, len(requesters)):
+            result = requesters[index].on_request(ctx)
             if result is None:
                 continue
             if isinstance(result, Reply):
@@ -92,7 +103,7 @@ class Pipeline:
         """
         Run the response phase in reverse order.
         """
-        for middleware in self._reversed:
+        for middleware in self.responders:
             middleware.on_response(ctx, status, headers)
 
     def stop(self) -> defer.Deferred[Any]:

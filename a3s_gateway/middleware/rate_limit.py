@@ -4,8 +4,8 @@ The ``rate-limit`` middleware: token buckets kept in this gateway process, one p
 client's address by default), for the router pipeline it is built for.
 
 Also the pieces ``rate-limit-redis`` (L{a3s_gateway.middleware.rate_limit_redis}) shares with
-it: the token-bucket arithmetic (L{refill_and_take}), the request keys (L{key_function}), the
-outcome of one decision (L{Decision}) and the headers and replies made from it.
+it: the request keys (L{key_function}), the outcome of one decision (L{Decision}) and the headers
+and replies made from it.
 
 Each bucket holds C{burst} tokens, starts full, refills continuously at C{rate} tokens per
 second (by the reactor's clock) and each request takes one token. A request that finds less
@@ -36,6 +36,7 @@ from a3s_gateway.middleware.base import (
     RequestResult,
     json_reply,
 )
+from a3s_gateway.proxy.headers import canonical_name, set_all_checked
 
 MAX_KEYS = 100_000
 """
@@ -51,6 +52,10 @@ _ROUNDING_SLACK = 1e-9
 """Float noise tolerated before rounding a duration up to the next whole second."""
 
 KeyFunction = Callable[[RequestContext], str]
+
+_LIMIT = canonical_name(b"X-RateLimit-Limit")
+_REMAINING = canonical_name(b"X-RateLimit-Remaining")
+_RESET = canonical_name(b"X-RateLimit-Reset")
 
 
 def key_function(spec: str) -> KeyFunction:
@@ -84,10 +89,31 @@ def _seconds_up(duration: float) -> int:
     return max(0, math.ceil(duration - _ROUNDING_SLACK))
 
 
+def seconds_to_full(tokens: float, rate: float, burst: int) -> Optional[int]:
+    """
+    Seconds (rounded up) until a bucket holding C{tokens} is full again; None if it never will be.
+    """
+    if tokens >= burst:
+        return 0
+    if rate > 0:
+        return _seconds_up((burst - tokens) / rate)
+    return None
+
+
+def rate_headers(limit: int, remaining: int, reset: Optional[int]) -> List[Tuple[bytes, bytes]]:
+    """
+    The ``X-RateLimit-*`` headers every answer carries (names canonical, for L{set_all_checked}).
+    """
+    headers = [(_LIMIT, b"%d" % limit), (_REMAINING, b"%d" % remaining)]
+    if reset is not None:
+        headers.append((_RESET, b"%d" % reset))
+    return headers
+
+
 class Decision(NamedTuple):
     """
-    The outcome of taking a token from a bucket (a named tuple: one is made per request, and a
-    tuple is made several times faster than a frozen attrs instance).
+    The outcome of taking a token from a bucket (a named tuple: ``rate-limit-redis`` makes one per
+    request, and a tuple is made several times faster than a frozen attrs instance).
 
     @ivar allowed: whether the request got its token.
     @ivar limit: the bucket's capacity (the burst).
@@ -108,31 +134,20 @@ class Decision(NamedTuple):
         """
         The decision for a bucket holding C{tokens} after the request was (or was not) served.
         """
-        if tokens >= burst:
-            reset: Optional[int] = 0
-        elif rate > 0:
-            reset = _seconds_up((burst - tokens) / rate)
-        else:
-            reset = None
         if tokens >= 1:
             retry_after: Optional[int] = 0
         elif rate > 0 and burst >= 1:
             retry_after = max(1, _seconds_up((1 - tokens) / rate))
         else:
             retry_after = None
+        reset = seconds_to_full(tokens, rate, burst)
         return cls(allowed, burst, int(tokens), reset, retry_after)
 
     def headers(self) -> List[Tuple[bytes, bytes]]:
         """
         The ``X-RateLimit-*`` headers every answer carries.
         """
-        headers = [
-            (b"X-RateLimit-Limit", b"%d" % self.limit),
-            (b"X-RateLimit-Remaining", b"%d" % self.remaining),
-        ]
-        if self.reset is not None:
-            headers.append((b"X-RateLimit-Reset", b"%d" % self.reset))
-        return headers
+        return rate_headers(self.limit, self.remaining, self.reset)
 
     def rejection(self, message: str) -> Reply:
         """
@@ -147,24 +162,7 @@ class Decision(NamedTuple):
         """
         Set the rate-limit headers on a response (replacing any the upstream sent).
         """
-        for name, value in self.headers():
-            headers.setRawHeaders(name, [value])
-
-
-def refill_and_take(
-    tokens: float, elapsed: float, rate: float, burst: int
-) -> Tuple[float, Decision]:
-    """
-    The token-bucket step: refill C{tokens} for C{elapsed} seconds (a clock that went backwards
-    refills nothing), then take one token if there is one. Returns the tokens left and the
-    decision.
-    """
-    if elapsed > 0 and rate > 0:
-        tokens = min(float(burst), tokens + elapsed * rate)
-    allowed = tokens >= 1
-    if allowed:
-        tokens -= 1
-    return tokens, Decision.of(allowed, tokens, rate, burst)
+        set_all_checked(headers, self.headers())
 
 
 @attr.s(slots=True, auto_attribs=True)
@@ -188,9 +186,11 @@ class TokenBuckets:
     def __len__(self) -> int:
         return len(self._buckets)
 
-    def take(self, key: str, now: float) -> Decision:
+    def take(self, key: str, now: float) -> Tuple[bool, float]:
         """
-        Take one token from C{key}'s bucket at time C{now} (a new bucket starts full).
+        Refill C{key}'s bucket up to time C{now} (a new bucket starts full; a clock that went
+        backwards refills nothing), then take one token if there is one. Returns whether a
+        token was taken and the tokens left.
         """
         buckets = self._buckets
         bucket = buckets.get(key)
@@ -200,11 +200,16 @@ class TokenBuckets:
                 buckets.popitem(last=False)
         else:
             buckets.move_to_end(key)
-        bucket.tokens, decision = refill_and_take(
-            bucket.tokens, now - bucket.last_refill, self.rate, self.burst
-        )
+        tokens = bucket.tokens
+        elapsed = now - bucket.last_refill
+        if elapsed > 0 and self.rate > 0:
+            tokens = min(float(self.burst), tokens + elapsed * self.rate)
+        allowed = tokens >= 1
+        if allowed:
+            tokens -= 1
+        bucket.tokens = tokens
         bucket.last_refill = now
-        return decision
+        return allowed, tokens
 
 
 class RateLimit(Middleware):
@@ -224,19 +229,26 @@ class RateLimit(Middleware):
         """
         Take a token for the request's key; answer 429 when there is none.
         """
-        decision = self.buckets.take(self._key_of(ctx), self._clock.seconds())
-        if not decision.allowed:
+        buckets = self.buckets
+        allowed, tokens = buckets.take(self._key_of(ctx), self._clock.seconds())
+        if not allowed:
+            decision = Decision.of(False, tokens, buckets.rate, buckets.burst)
             return decision.rejection("Rate limit exceeded")
-        ctx.notes[self.name] = decision
+        # Only the tokens left are kept: the headers are worked out from them once the response
+        # is known to need them (a request answered by a later middleware never does).
+        ctx.notes[self.name] = tokens
         return None
 
     def on_response(self, ctx: RequestContext, status: int, headers: Headers) -> None:
         """
-        Add the rate-limit headers noted in the request phase to the proxied response.
+        Add the rate-limit headers of the tokens noted in the request phase to the proxied
+        response.
         """
-        decision = ctx.notes.get(self.name)
-        if isinstance(decision, Decision):
-            decision.add_to(headers)
+        tokens = ctx.notes.get(self.name)
+        if tokens is not None:
+            buckets = self.buckets
+            reset = seconds_to_full(tokens, buckets.rate, buckets.burst)
+            set_all_checked(headers, rate_headers(buckets.burst, int(tokens), reset))
 
 
 def limits(config: MiddlewareConfig) -> Tuple[int, int]:

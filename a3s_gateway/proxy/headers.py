@@ -184,6 +184,45 @@ def response_headers(raw: Sequence[Tuple[bytes, bytes]], keep_length: bool) -> R
     return kept
 
 
+def canonical_name(name: bytes) -> bytes:
+    """
+    C{name} capitalised as twisted.web's L{Headers} stores and writes it (``X-Ratelimit-Limit``
+    for ``x-ratelimit-limit``), for L{set_all_checked}.
+    """
+    headers = Headers()
+    headers.setRawHeaders(name, [b""])
+    return next(headers.getAllRawHeaders())[0]
+
+
+def set_all_checked(headers: Headers, pairs: Iterable[Tuple[bytes, bytes]]) -> None:
+    """
+    Replace headers exactly as C{headers.setRawHeaders(name, [value])} would for each
+    C{(name, value)} of C{pairs}, in order, for names already made canonical by
+    L{canonical_name} and values already known to hold no CR or LF.
+
+    Middlewares set the same names on every request, with values checked when they are built
+    (or digits): C{setRawHeaders} would canonicalise the name and scan the value for line breaks
+    again each time, about a third of a microsecond per header.
+    """
+    raw = headers._rawHeaders
+    for canonical, value in pairs:
+        raw[canonical] = [value]
+
+
+def add_checked(headers: Headers, canonical: bytes, value: bytes) -> None:
+    """
+    Add a header value exactly as C{headers.addRawHeader(name, value)} would, for a name already
+    made canonical and a value already known to hold no CR or LF: the request headers, as the
+    channel reads them (L{a3s_gateway.proxy.site.GatewayChannel}), which checked both already.
+    """
+    raw = headers._rawHeaders
+    values = raw.get(canonical)
+    if values is None:
+        raw[canonical] = [value]
+    else:
+        values.append(value)
+
+
 def add_vary(headers: Headers, token: bytes) -> None:
     """
     Add C{token} to the response's ``Vary`` unless it (or ``*``) is already listed; existing

@@ -19,7 +19,7 @@ from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
-from twisted.web.http_headers import Headers
+from twisted.web.http_headers import Headers, InvalidHeaderName, _nameEncoder
 from twisted.web.resource import IResource
 
 from a3s_gateway.proxy.errors import (
@@ -28,7 +28,10 @@ from a3s_gateway.proxy.errors import (
     error_body,
     raw_error_response,
 )
-from a3s_gateway.proxy.headers import connection_tokens
+from a3s_gateway.proxy.headers import add_checked, connection_tokens
+
+# What a header value must not hold (RFC 9110 5.5): refused with 400, as by Twisted 26.
+_FORBIDDEN_IN_VALUE = b"\x00\r\n"
 
 
 class GatewayRequest(server.Request):
@@ -255,8 +258,8 @@ class GatewayChannel(http.HTTPChannel):
         twisted.web reads a head one line at a time (a split of the remaining buffer, checks and
         a dispatch per line) and checks the request target one byte at a time. The one-pass read
         splits the same lines at the same delimiter and applies the same rules in the same order
-        (request line, each header through C{headerReceived}, then C{allHeadersReceived}), so
-        the request the resource sees, and every error answer, are the same either way.
+        (request line, each header as by C{headerReceived}, then C{allHeadersReceived}), so the
+        request the resource sees, and every error answer, are the same either way.
         """
         if self._discarding:
             return
@@ -300,9 +303,8 @@ class GatewayChannel(http.HTTPChannel):
             self._respondToBadRequestAndDisconnect()
             return True
         self._command, self._path, self._version = parsed
-        for index in range(1, len(lines)):
-            if not self.headerReceived(lines[index]):
-                return True
+        if not self._take_headers(lines, 1):
+            return True
         self.allHeadersReceived()
         if self.length == 0:
             self.allContentReceived()
@@ -348,11 +350,48 @@ class GatewayChannel(http.HTTPChannel):
         self._respond_431()
 
     def headerReceived(self, line: bytes) -> bool:
-        if self._receivedHeaderCount >= self.maxHeaders:
-            self._respond_431()
-            return False
-        ok: bool = super().headerReceived(line)
-        return ok
+        return self._take_headers((line,), 0)
+
+    def _take_headers(self, lines: Sequence[bytes], start: int) -> bool:
+        """
+        Take the header lines of C{lines} from C{start} on into the current request, by the
+        rules of twisted.web's C{headerReceived} in Twisted 26 (on older releases too, which let
+        a bare CR or LF through in a value): a line without a colon, a name that is not a token
+        or a value holding NUL, CR or LF is refused with 400; one header more than
+        C{maxHeaders} with 431. Returns False once one was refused (the answer is sent).
+
+        One loop for the whole head: twisted.web's method, called per line, canonicalises each
+        name and scans each value twice (once to check it, once more to store it).
+        """
+        request = self.requests[-1]
+        headers = request.requestHeaders
+        encode = _nameEncoder.encode
+        count = self._receivedHeaderCount
+        for index in range(start, len(lines)):
+            if count >= self.maxHeaders:
+                self._respond_431()
+                return False
+            name, colon, value = lines[index].partition(b":")
+            if not colon:
+                self._respondToBadRequestAndDisconnect()
+                return False
+            try:
+                name = encode(name)
+            except InvalidHeaderName:
+                self._respondToBadRequestAndDisconnect()
+                return False
+            value = value.strip(b" \t")
+            if len(value.translate(None, _FORBIDDEN_IN_VALUE)) != len(value):
+                self._respondToBadRequestAndDisconnect()
+                return False
+            if (
+                name == b"Content-Length" or name == b"Transfer-Encoding"
+            ) and not self._maybeChooseTransferDecoder(name, value):
+                return False
+            add_checked(headers, name, value)
+            count += 1
+            self._receivedHeaderCount = count
+        return True
 
     def _respond_431(self) -> None:
         cast(ITCPTransport, self.transport).write(
