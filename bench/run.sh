@@ -127,7 +127,8 @@ version_of() { # python expression -> its value on $PY, or "not importable"
   "$PY" -c "import sys; $1" 2>/dev/null || echo "not importable"
 }
 
-echo "a3s-gateway benchmark: wrk -t1 -c$conns -d${secs}s --latency, keep-alive GET /, 127.0.0.1"
+echo "a3s-gateway benchmark: wrk -t1 -c$conns --latency, keep-alive GET /, 127.0.0.1;" \
+  "$ROUNDS runs of $(( (secs + ROUNDS - 1) / ROUNDS )) s per row, rows taking turns, medians"
 echo "PY:          $(command -v "$PY") ($(version_of 'import platform; print(platform.python_implementation(), platform.python_version())'))"
 echo "twisted:     $(version_of 'import twisted; print(twisted.__version__)')"
 echo "a3s-gateway: $(version_of 'import a3s_gateway; print(a3s_gateway.__version__)')"
