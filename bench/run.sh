@@ -127,8 +127,9 @@ version_of() { # python expression -> its value on $PY, or "not importable"
   "$PY" -c "import sys; $1" 2>/dev/null || echo "not importable"
 }
 
+round_secs=$(( (secs + ROUNDS - 1) / ROUNDS )) # each row's runs last about $secs together
 echo "a3s-gateway benchmark: wrk -t1 -c$conns --latency, keep-alive GET /, 127.0.0.1;" \
-  "$ROUNDS runs of $(( (secs + ROUNDS - 1) / ROUNDS )) s per row, rows taking turns, medians"
+  "$ROUNDS runs of $round_secs s per row, rows taking turns, medians"
 echo "PY:          $(command -v "$PY") ($(version_of 'import platform; print(platform.python_implementation(), platform.python_version())'))"
 echo "twisted:     $(version_of 'import twisted; print(twisted.__version__)')"
 echo "a3s-gateway: $(version_of 'import a3s_gateway; print(a3s_gateway.__version__)')"
@@ -238,7 +239,6 @@ EOF
 # round 2, ...), and reported as the median of its runs: on a shared machine throughput drifts by
 # 10-30% within seconds, and rows compared with each other are then measured close together in time,
 # several times over, rather than once each minutes apart.
-round_secs=$(( (secs + ROUNDS - 1) / ROUNDS ))
 declare -A rps_of=() runs_of=() p50s_of=() p99s_of=() notes_of=()
 keys=() labels=() ports=() oks=() headers=()
 row() { # key label port ok [header]

@@ -390,7 +390,7 @@ class GatewayChannel(http.HTTPChannel):
                 return False
             add_checked(headers, name, value)
             count += 1
-            self._receivedHeaderCount = count
+        self._receivedHeaderCount = count
         return True
 
     def _respond_431(self) -> None:
