@@ -9,6 +9,7 @@ running.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from typing import Any, List, Optional
@@ -82,7 +83,12 @@ class GatewayApplication(MultiService):
     """
     The root of the process's service tree. A port that cannot be bound is reported as one line
     on stderr and exits the process with status 1, without a traceback, before anything runs.
+    Once everything has started, what start-up left on the heap is frozen (L{freeze_heap}).
     """
+
+    def startService(self) -> None:
+        MultiService.startService(self)
+        freeze_heap()
 
     def privilegedStartService(self) -> None:
         from twisted.internet.error import CannotListenError
@@ -94,6 +100,26 @@ class GatewayApplication(MultiService):
         except (GatewayStartError, CannotListenError) as e:
             sys.stderr.write(f"Error: {e}\n")
             raise SystemExit(1) from e
+
+
+def freeze_heap() -> None:
+    """
+    Collect start-up's garbage, then move every object still alive (modules, the configuration,
+    the service tree: about 100,000 of them) out of the reach of CPython's cyclic garbage
+    collector for the rest of the process's life (C{gc.freeze}). Does nothing where the
+    interpreter has no C{gc.freeze} (PyPy).
+
+    Why: a full collection walks every object it tracks. A burst of new connections (a
+    thousand streams opening at once) grows the heap enough to set one off; with start-up's
+    objects included it paused the gateway for 40-50 ms, every stream's events waiting behind
+    it, and without them 13-20 ms. Those objects live as long as the process, so walking them
+    finds nothing to free.
+    """
+    freeze = getattr(gc, "freeze", None)
+    if freeze is None:
+        return
+    gc.collect()
+    freeze()
 
 
 def build_service(
