@@ -111,9 +111,9 @@ def freeze_heap() -> None:
 
     Why: a full collection walks every object it tracks. A burst of new connections (a
     thousand streams opening at once) grows the heap enough to set one off; with start-up's
-    objects included it paused the gateway for 40-50 ms, every stream's events waiting behind
-    it, and without them 13-20 ms. Those objects live as long as the process, so walking them
-    finds nothing to free.
+    objects included it paused the gateway for up to 53 ms, every stream's events waiting
+    behind it, and without them up to 22 ms. Those objects live as long as the process, so
+    walking them finds nothing to free.
     """
     freeze = getattr(gc, "freeze", None)
     if freeze is None:

@@ -222,7 +222,7 @@ def main(argv: List[str]) -> int:
                 figure, fig_text = None, "-"
             elif m.mode == "ratio":
                 figure = value / base_value if base_value else None
-                fig_text = f"{figure:.2f}x" if figure is not None else "-"
+                fig_text = f"{figure:.3f}x" if figure is not None else "-"
             else:
                 figure = value - base_value
                 fig_text = f"{figure:+.2f}"
