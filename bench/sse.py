@@ -11,12 +11,16 @@ process:
 - 64 concurrent streams: time to first event beyond the backend's own gap (p50/p99).
 Each delay figure is the median of the runs' figures: on a shared 2-core machine one run's p99 or
 first-event p50 varies up to threefold, and the median of three keeps a noisy run from deciding.
+Before them each row gets a short unmeasured run (16 streams), and with ``--warmup-runs N`` also N
+unmeasured passes of both probes at full size, whose figures are printed but not counted: PyPy's
+JIT is still compiling the gateway's streaming path through the first thousands of streams.
 
 The probe is an asyncio protocol (one process, no threads) that de-chunks and parses the events;
 it shares the 2 cores with the backend and the proxy, so compare rows of one run.
 
 usage: sse.py [--streams 1000] [--events 20] [--gap-ms 100] [--ttfe-streams 64] [--ttfe-events 50]
-              [--ttfe-gap-ms 20] [--repeats 3] [--python PY] [--rows gateway,stock,nginx,haproxy]
+              [--ttfe-gap-ms 20] [--repeats 3] [--warmup-runs 0] [--python PY]
+              [--rows gateway,stock,nginx,haproxy]
 Ports: 127.0.0.1:9310-9315.
 """
 
@@ -175,6 +179,12 @@ def main() -> int:
         default=3,
         help="runs of both probes per row; each figure is the median of the runs' figures",
     )
+    parser.add_argument(
+        "--warmup-runs",
+        type=int,
+        default=0,
+        help="unmeasured passes of both probes per row before the measured ones (printed)",
+    )
     parser.add_argument("--python", default=os.environ.get("PY", sys.executable))
     parser.add_argument("--rows", default="gateway,stock,nginx,haproxy")
     parser.add_argument(
@@ -219,6 +229,11 @@ def main() -> int:
     for name, port in rows:
         # A short unmeasured run first: upstream connections open, PyPy's JIT warms up.
         probe(port, 16, 5, 10)
+        warmup: List[str] = []
+        for _ in range(args.warmup_runs):
+            many = probe(port, args.streams, args.events, args.gap_ms)
+            few = probe(port, args.ttfe_streams, args.ttfe_events, args.ttfe_gap_ms)
+            warmup.append(f"{pct(many.delays, 99):.1f}/{pct(few.ttfe, 50):.1f}")
         lost = 0
         delay_p50: List[float] = []
         delay_p99: List[float] = []
@@ -242,6 +257,7 @@ def main() -> int:
             f" | {median(ttfe_p50):>9.2f} {median(ttfe_p99):>9.2f}"
             f"   runs: delay p99 {'/'.join(f'{v:.1f}' for v in delay_p99)},"
             f" ttfe p50 {'/'.join(f'{v:.1f}' for v in ttfe_p50)}"
+            + (f"   unmeasured warm-up runs (p99/ttfe p50): {', '.join(warmup)}" if warmup else "")
             + (f"   first error: {errors[0]}" if errors else "")
             + (f"   ttfe-run errors: {ttfe_errors}" if ttfe_errors else ""),
             flush=True,
