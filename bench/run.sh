@@ -311,6 +311,10 @@ for i in "${!keys[@]}"; do
       printf 'RESULT %s_rps|%s|%s|req/s\nRESULT %s_p50|%s|%s|ms\nRESULT %s_p99|%s|%s|ms\n' \
         "${BENCH_MEASURE:-throughput}" "$result_row" "$rps" "${BENCH_MEASURE:-throughput}" \
         "$result_row" "$p50" "${BENCH_MEASURE:-throughput}" "$result_row" "$p99" >>"$BENCH_RESULTS"
+      # Each round's req/s too, in round order, for ratios taken round by round (summary.py).
+      [ "$(wc -w <<<"${runs_of[$key]}")" = "$ROUNDS" ] &&
+        printf 'RESULT %s_runs|%s|%s|req/s\n' "${BENCH_MEASURE:-throughput}" "$result_row" \
+          "${runs_of[$key]% }" >>"$BENCH_RESULTS"
     fi
   fi
   printf '%-34s %11s %10s %10s  %s\n' "$label" "$([ -n "$rps" ] && printf '%.2f' "$rps" || echo -)" \
@@ -319,9 +323,17 @@ for i in "${!keys[@]}"; do
 done
 
 ratio() { # numerator-key denominator-key
-  local a=${rps_of[$1]:-} b=${rps_of[$2]:-}
-  if [ -n "$a" ] && [ -n "$b" ]; then
-    awk -v a="$a" -v b="$b" 'BEGIN { if (b > 0) printf "%.2fx\n", a / b; else print "-" }'
+  # The median of the rounds' ratios when both rows ran every round (each round measures the
+  # two a few seconds apart), else the ratio of their medians.
+  local a=${rps_of[$1]:-} b=${rps_of[$2]:-} ra=${runs_of[$1]:-} rb=${runs_of[$2]:-}
+  if [ "$(wc -w <<<"$ra")" = "$ROUNDS" ] && [ "$(wc -w <<<"$rb")" = "$ROUNDS" ]; then
+    local r
+    # shellcheck disable=SC2046 # the ratios are space-separated numbers
+    r=$(median $(awk -v a="$ra" -v b="$rb" 'BEGIN { n = split(a, x, " "); split(b, y, " ")
+      for (i = 1; i <= n; i++) if (y[i] > 0) print x[i] / y[i] }'))
+    if [ -n "$r" ]; then printf '%.3fx\n' "$r"; else echo "-"; fi
+  elif [ -n "$a" ] && [ -n "$b" ]; then
+    awk -v a="$a" -v b="$b" 'BEGIN { if (b > 0) printf "%.3fx\n", a / b; else print "-" }'
   else
     echo "-"
   fi

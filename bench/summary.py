@@ -4,6 +4,9 @@ each measure, every row (gateway, stock Twisted proxy, hello-world, nginx, HAPro
 were measured) with its value, its baseline from the same run (rows carrying an interpreter
 label, e.g. ``gateway (PyPy)``, are compared with the baseline of the same label when there is
 one), the ratio or difference, and for the gateway's rows the issue's target and PASS/MISS.
+A ratio of two rows ``run.sh`` measured in the same rounds (it writes each round's figures as
+``<measure>_runs``) is the median of the rounds' ratios, each taken from two runs seconds apart;
+otherwise it is the ratio of the two values (the rows' medians).
 
 With ``--check``, also tells whether each judged figure is at least half as good as its target
 (the CI threshold for a gross regression): at least half the target ratio for throughput figures,
@@ -17,6 +20,7 @@ usage: summary.py RESULTS-FILE [--check]
 from __future__ import annotations
 
 import sys
+from statistics import median
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 
@@ -164,26 +168,49 @@ def split_label(row: str) -> Tuple[str, str]:
     return row, ""
 
 
-def load(path: str) -> Tuple[Dict[Tuple[str, str], float], Dict[str, List[str]]]:
-    values: Dict[Tuple[str, str], float] = {}
+Values = Dict[Tuple[str, str], float]
+Rounds = Dict[Tuple[str, str], List[float]]
+
+
+def load(path: str) -> Tuple[Values, Dict[str, List[str]], Rounds]:
+    """The values, the rows of each measure in order, and the rounds' figures (``_runs``)."""
+    values: Values = {}
     rows: Dict[str, List[str]] = {}
+    rounds: Rounds = {}
     with open(path) as results:
         for line in results:
             if not line.startswith("RESULT "):
                 continue
             measure, row, value, _unit = line[7:].rstrip("\n").split("|")
             try:
+                if measure.endswith("_runs"):
+                    rounds[(measure, row)] = [float(v) for v in value.split()]
+                    continue
                 values[(measure, row)] = float(value)
             except ValueError:
                 continue
             rows.setdefault(measure, [])
             if row not in rows[measure]:
                 rows[measure].append(row)
-    return values, rows
+    return values, rows, rounds
+
+
+def paired_ratio(rounds: Rounds, measure: str, row: str, base_row: str) -> Optional[float]:
+    """
+    The median of the per-round ratios of C{row} to C{base_row} for a C{<x>_rps} measure whose
+    rounds were recorded for both rows (the same number of them); None otherwise.
+    """
+    if not measure.endswith("_rps"):
+        return None
+    key = measure[: -len("_rps")] + "_runs"
+    mine, base = rounds.get((key, row)), rounds.get((key, base_row))
+    if not mine or not base or len(mine) != len(base) or not all(base):
+        return None
+    return median(a / b for a, b in zip(mine, base))
 
 
 def main(argv: List[str]) -> int:
-    values, rows = load(argv[1])
+    values, rows, rounds = load(argv[1])
     check = "--check" in argv
     out = [("measure", "row", "value", "baseline", "ratio/diff", "target", "verdict")]
     regressions: List[str] = []
@@ -199,6 +226,7 @@ def main(argv: List[str]) -> int:
                     continue
             value = values[(m.key, row)]
             base_value: Optional[float] = None
+            base_row = ""
             base_text = "-"
             if m.baseline is not None:
                 base_measure = "idle_wanted" if m.baseline == "idle_wanted" else m.key
@@ -209,7 +237,8 @@ def main(argv: List[str]) -> int:
                 ):
                     if candidate in values and m.baseline != "idle_wanted":
                         base_value = values[candidate]
-                        base_text = f"{candidate[1]} {base_value:.2f}"
+                        base_row = candidate[1]
+                        base_text = f"{base_row} {base_value:.2f}"
                         break
                     if candidate in values:
                         base_value = values[candidate]
@@ -221,7 +250,9 @@ def main(argv: List[str]) -> int:
             elif base_value is None:
                 figure, fig_text = None, "-"
             elif m.mode == "ratio":
-                figure = value / base_value if base_value else None
+                figure = paired_ratio(rounds, m.key, row, base_row)
+                if figure is None:
+                    figure = value / base_value if base_value else None
                 fig_text = f"{figure:.3f}x" if figure is not None else "-"
             else:
                 figure = value - base_value
