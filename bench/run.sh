@@ -8,7 +8,8 @@
 #                    the gateway, the stock proxy and the hello-world all run on it
 #   WARMUP=seconds   unmeasured wrk run before each row (default 1; 0 to skip)
 #   ROUNDS=n         runs per row, the rows taking turns; each row's figures are the medians of
-#                    its runs, together lasting about the given seconds (default 3)
+#                    its runs, together lasting about the given seconds (default 3), and a ratio
+#                    of two rows the median of the rounds' ratios
 #   BENCH_RESULTS=file  also append machine-readable "RESULT measure|row|value|unit" lines there
 #                    (bench/suite.sh reads them), measure named by BENCH_MEASURE (default
 #                    throughput) and rows suffixed with " (BENCH_LABEL)" when that is set
