@@ -181,17 +181,26 @@ class FreezeHeapTests(SynchronousTestCase):
 
     def test_start_freezes_heap(self) -> None:
         """
-        Once the application has started its services, an object made before is out of the
-        cyclic collector's reach (not among the objects it walks); one made after is not.
+        Once the application has started its services, an object made before, or by a service
+        as it started, is out of the cyclic collector's reach (not among the objects it walks);
+        one made after is not.
         """
+
+        class Starting(Service):
+            made: list[object]
+
+            def startService(self) -> None:
+                Service.startService(self)
+                self.made = []
+
         before: list[object] = []
         application = GatewayApplication()
-        child = Service()
+        child = Starting()
         child.setServiceParent(application)
         application.startService()
         self.addCleanup(application.stopService)
         after: list[object] = []
         walked = {id(o) for o in gc.get_objects()}
-        self.assertTrue(child.running)
         self.assertNotIn(id(before), walked)
+        self.assertNotIn(id(child.made), walked)
         self.assertIn(id(after), walked)
