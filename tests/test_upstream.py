@@ -26,6 +26,9 @@ from zope.interface.verify import verifyObject
 
 from a3s_gateway.config.schema import TimeoutsConfig
 from a3s_gateway.proxy.upstream import (
+    _SURPLUS_DELAY,
+    _TRIM_BATCH,
+    _TRIM_GAP,
     Exchange,
     UpstreamClosed,
     UpstreamConnectError,
@@ -1072,19 +1075,83 @@ class KeepAliveTests(SynchronousTestCase):
         self.assertFalse(transport.disconnecting)
 
     def test_max_idle_cap(self) -> None:
-        """Past max_idle_per_host idle connections, the oldest idle one is closed."""
+        """
+        Past max_idle_per_host idle connections, the oldest idle ones are closed once the
+        surplus delay has passed, not at once; the newest stay pooled.
+        """
         harness = Harness(max_idle_per_host=2)
         for _ in range(3):
             harness.request()
         connections = [harness.connect(index) for index in range(3)]
         for protocol, _transport in connections:
             protocol.dataReceived(OK)
+        self.assertEqual([t.disconnecting for _p, t in connections], [False, False, False])
+        self.assertEqual(harness.pool.idle_connections(), {("http", "10.0.0.7", 8080): 3})
+        harness.reactor.advance(_SURPLUS_DELAY - 0.01)
+        self.assertEqual([t.disconnecting for _p, t in connections], [False, False, False])
+        harness.reactor.advance(0.01)
         self.assertEqual([t.disconnecting for _p, t in connections], [True, False, False])
+        self.assertEqual(harness.pool.idle_connections(), {("http", "10.0.0.7", 8080): 2})
         lost(connections[0][0])
         harness.request()
         harness.request()
         harness.request()
         self.assertEqual(harness.attempts, 4)
+
+    def test_surplus_reused_within_delay(self) -> None:
+        """
+        Idle connections beyond the cap serve requests that come before the surplus delay
+        ends: a burst following another connects nothing anew, and nothing is closed.
+        """
+        harness = Harness(max_idle_per_host=1)
+        for _ in range(3):
+            harness.request()
+        connections = [harness.connect(index) for index in range(3)]
+        for protocol, _transport in connections:
+            protocol.dataReceived(OK)
+        for _ in range(3):
+            harness.request()
+        self.assertEqual(harness.attempts, 3)
+        for protocol, _transport in connections:
+            protocol.dataReceived(OK)
+        harness.reactor.advance(_SURPLUS_DELAY)
+        self.assertEqual([t.disconnecting for _p, t in connections], [True, True, False])
+
+    def test_surplus_closed_in_batches(self) -> None:
+        """
+        A large surplus is closed _TRIM_BATCH connections at a time, _TRIM_GAP seconds apart,
+        oldest first, so the reactor handles other connections between the batches.
+        """
+        harness = Harness(max_idle_per_host=1)
+        count = 2 * _TRIM_BATCH + 3
+        for _ in range(count):
+            harness.request()
+        connections = [harness.connect(index) for index in range(count)]
+        for protocol, _transport in connections:
+            protocol.dataReceived(OK)
+        harness.reactor.advance(_SURPLUS_DELAY)
+        closing = [t.disconnecting for _p, t in connections]
+        self.assertEqual(closing, [True] * _TRIM_BATCH + [False] * (count - _TRIM_BATCH))
+        harness.reactor.advance(_TRIM_GAP)
+        closing = [t.disconnecting for _p, t in connections]
+        self.assertEqual(closing, [True] * 2 * _TRIM_BATCH + [False] * 3)
+        harness.reactor.advance(_TRIM_GAP)
+        closing = [t.disconnecting for _p, t in connections]
+        self.assertEqual(closing, [True] * (count - 1) + [False])
+        self.assertEqual(harness.pool.idle_connections(), {("http", "10.0.0.7", 8080): 1})
+
+    def test_close_idle_cancels_trim(self) -> None:
+        """close_idle closes the surplus with everything else and leaves no trim pending."""
+        harness = Harness(max_idle_per_host=1, idle_timeout=0)
+        harness.request(timeouts=TimeoutsConfig(0, 0, 0, 0))
+        harness.request(timeouts=TimeoutsConfig(0, 0, 0, 0))
+        connections = [harness.connect(index) for index in range(2)]
+        for protocol, _transport in connections:
+            protocol.dataReceived(OK)
+        self.assertEqual(len(harness.reactor.getDelayedCalls()), 1)
+        harness.pool.close_idle()
+        self.assertTrue(all(t.disconnecting for _p, t in connections))
+        self.assertEqual(harness.reactor.getDelayedCalls(), [])
 
     def test_max_idle_zero(self) -> None:
         """max_idle_per_host=0 disables pooling."""

@@ -173,6 +173,15 @@ _HEXDIG = b"0123456789abcdefABCDEF"
 _INF = float("inf")
 # HostnameEndpoint wants a number; the connection's own timer enforces the configured timeout.
 _NO_TIMEOUT = 1e9
+# Idle connections beyond the pool's cap are closed _SURPLUS_DELAY seconds after the cap was
+# passed, _TRIM_BATCH every _TRIM_GAP seconds. Why not at once: a burst's streams end together
+# (1,000 SSE streams ending within ~20 ms), and closing the surplus in the same turns that relay
+# the streams' last events delayed those events by ~10 ms at the 99th percentile; later and in
+# small batches, the closes run after the burst and between other connections' events. A burst
+# that comes back within the delay reuses the surplus instead of connecting anew.
+_SURPLUS_DELAY = 1.0
+_TRIM_BATCH = 32
+_TRIM_GAP = 0.005
 
 # Connection states. The body states come after _HEAD so that "state > _HEAD" means "reading a
 # body" for the idle timeout.
@@ -988,8 +997,11 @@ class UpstreamPool:
     Pooled HTTP/1.1 connections to backends, keyed by (scheme, host, port).
 
     Idle connections are reused last-in first-out (the most recently used one is the least
-    likely to have hit the backend's keep-alive timeout), at most ``max_idle_per_host`` are kept
-    per key, each for at most ``idle_timeout`` seconds (0: no limit). Active connections are not
+    likely to have hit the backend's keep-alive timeout), each kept for at most ``idle_timeout``
+    seconds (0: no limit). At most ``max_idle_per_host`` are kept per key: when more are idle,
+    the oldest beyond that number are closed about a second later, a few at a time, so
+    that closing a burst's surplus neither delays the burst's last responses nor drops
+    connections a burst following within the second would reuse. Active connections are not
     limited. ``reactor`` provides ``IReactorTCP`` and ``IReactorTime`` (plus a name resolver for
     backends given by name). https (and wss) backends use ``tls_policy.creatorForNetloc`` when a
     policy is given, else ``optionsForClientTLS(host)``; every other scheme is plain TCP.
@@ -1010,6 +1022,7 @@ class UpstreamPool:
         self._tls_policy = tls_policy
         self._idle: Dict[Tuple[str, str, int], List[_Connection]] = {}
         self._tls_creators: Dict[Tuple[str, str, int], Any] = {}
+        self._trim_call: Optional[IDelayedCall] = None
 
     def request(
         self,
@@ -1095,6 +1108,9 @@ class UpstreamPool:
 
     def close_idle(self) -> Deferred[None]:
         """Close every idle connection; the Deferred fires once they are all closed."""
+        if self._trim_call is not None:
+            self._trim_call.cancel()
+            self._trim_call = None
         waiting: List[Deferred[None]] = []
         for conns in self._idle.values():
             for conn in conns:
@@ -1147,9 +1163,9 @@ class UpstreamPool:
         idle = self._idle.get(conn._key)
         if idle is None:
             idle = self._idle[conn._key] = []
-        elif len(idle) >= self._max_idle:
-            idle.pop(0)._close()
         idle.append(conn)
+        if len(idle) > self._max_idle and self._trim_call is None:
+            self._trim_call = self._reactor.callLater(_SURPLUS_DELAY, self._trim)
         conn._state = _IDLE
         conn._handler = None
         if conn._reading_paused:
@@ -1165,6 +1181,27 @@ class UpstreamPool:
             if timer is not None:
                 timer.cancel()
             conn._timer = self._reactor.callLater(self._idle_timeout, conn._timer_fired)
+
+    def _trim(self) -> None:
+        """
+        Close up to ``_TRIM_BATCH`` idle connections beyond the cap, the oldest first; the rest
+        ``_TRIM_GAP`` seconds later.
+        """
+        self._trim_call = None
+        budget = _TRIM_BATCH
+        for idle in self._idle.values():
+            surplus = min(len(idle) - self._max_idle, budget)
+            if surplus <= 0:
+                continue
+            closing = idle[:surplus]
+            del idle[:surplus]
+            for conn in closing:
+                conn._close()
+            budget -= surplus
+            if budget == 0:
+                # Other connections' events are handled before the next batch.
+                self._trim_call = self._reactor.callLater(_TRIM_GAP, self._trim)
+                return
 
     def _discard(self, conn: _Connection) -> None:
         """Forget an idle connection that is closing."""
