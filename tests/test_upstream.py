@@ -1117,6 +1117,28 @@ class KeepAliveTests(SynchronousTestCase):
         harness.reactor.advance(_SURPLUS_DELAY)
         self.assertEqual([t.disconnecting for _p, t in connections], [True, True, False])
 
+    def test_surplus_closed_once_idle_long_enough(self) -> None:
+        """
+        A connection beyond the cap is closed once it has been idle for the surplus delay,
+        not earlier: connections that became idle later are closed later.
+        """
+        harness = Harness(max_idle_per_host=1, idle_timeout=0)
+        for _ in range(3):
+            harness.request(timeouts=TimeoutsConfig(0, 0, 0, 0))
+        connections = [harness.connect(index) for index in range(3)]
+        connections[0][0].dataReceived(OK)
+        harness.reactor.advance(3)
+        connections[1][0].dataReceived(OK)
+        harness.reactor.advance(1)
+        connections[2][0].dataReceived(OK)
+        harness.reactor.advance(_SURPLUS_DELAY - 4)
+        self.assertEqual([t.disconnecting for _p, t in connections], [True, False, False])
+        harness.reactor.advance(2.99)
+        self.assertEqual([t.disconnecting for _p, t in connections], [True, False, False])
+        harness.reactor.advance(0.01)
+        self.assertEqual([t.disconnecting for _p, t in connections], [True, True, False])
+        self.assertEqual(harness.reactor.getDelayedCalls(), [])
+
     def test_surplus_closed_in_batches(self) -> None:
         """
         A large surplus is closed _TRIM_BATCH connections at a time, _TRIM_GAP seconds apart,

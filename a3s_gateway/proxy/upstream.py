@@ -173,13 +173,13 @@ _HEXDIG = b"0123456789abcdefABCDEF"
 _INF = float("inf")
 # HostnameEndpoint wants a number; the connection's own timer enforces the configured timeout.
 _NO_TIMEOUT = 1e9
-# Idle connections beyond the pool's cap are closed _SURPLUS_DELAY seconds after the cap was
-# passed, _TRIM_BATCH every _TRIM_GAP seconds. Why not at once: a burst's streams end together
-# (1,000 SSE streams ending within ~20 ms), and closing the surplus in the same turns that relay
-# the streams' last events delayed those events by ~10 ms at the 99th percentile; later and in
-# small batches, the closes run after the burst and between other connections' events. A burst
-# that comes back within the delay reuses the surplus instead of connecting anew.
-_SURPLUS_DELAY = 1.0
+# Idle connections beyond the pool's cap are closed once idle for _SURPLUS_DELAY seconds (as
+# HAProxy's pool-purge-delay, 5 s by default), at most _TRIM_BATCH every _TRIM_GAP seconds. Why
+# not at once: a burst's streams end together (1,000 SSE streams ending within ~20 ms), and
+# closing the surplus in the turns that relay the streams' last events delayed those events by
+# ~10 ms at the 99th percentile; and a burst that comes back within the delay reuses the surplus
+# instead of connecting anew, which at 1,000 streams costs the gateway ~40 ms of CPU.
+_SURPLUS_DELAY = 5.0
 _TRIM_BATCH = 32
 _TRIM_GAP = 0.005
 
@@ -998,13 +998,14 @@ class UpstreamPool:
 
     Idle connections are reused last-in first-out (the most recently used one is the least
     likely to have hit the backend's keep-alive timeout), each kept for at most ``idle_timeout``
-    seconds (0: no limit). At most ``max_idle_per_host`` are kept per key: when more are idle,
-    the oldest beyond that number are closed about a second later, a few at a time, so
-    that closing a burst's surplus neither delays the burst's last responses nor drops
-    connections a burst following within the second would reuse. Active connections are not
-    limited. ``reactor`` provides ``IReactorTCP`` and ``IReactorTime`` (plus a name resolver for
-    backends given by name). https (and wss) backends use ``tls_policy.creatorForNetloc`` when a
-    policy is given, else ``optionsForClientTLS(host)``; every other scheme is plain TCP.
+    seconds (0: no limit). At most ``max_idle_per_host`` are kept per key for longer than five
+    seconds: when more are idle, the oldest beyond that number are closed, a few at a time,
+    once they have been idle that long, so that closing a burst's surplus neither delays the
+    burst's last responses nor drops connections the next burst would reuse. Active
+    connections are not limited. ``reactor`` provides ``IReactorTCP`` and ``IReactorTime``
+    (plus a name resolver for backends given by name). https (and wss) backends use
+    ``tls_policy.creatorForNetloc`` when a policy is given, else ``optionsForClientTLS(host)``;
+    every other scheme is plain TCP.
     """
 
     def __init__(
@@ -1164,15 +1165,17 @@ class UpstreamPool:
         if idle is None:
             idle = self._idle[conn._key] = []
         idle.append(conn)
+        now = conn._idle_since = conn._seconds()
         if len(idle) > self._max_idle and self._trim_call is None:
-            self._trim_call = self._reactor.callLater(_SURPLUS_DELAY, self._trim)
+            self._trim_call = self._reactor.callLater(
+                idle[0]._idle_since + _SURPLUS_DELAY - now, self._trim
+            )
         conn._state = _IDLE
         conn._handler = None
         if conn._reading_paused:
             conn._resume_reading()
         if self._idle_timeout == _INF:
             return
-        now = conn._idle_since = conn._seconds()
         timer = conn._timer
         # The timer never sits further ahead than the idle timeout, so this moves it later.
         if timer is not None and timer.getTime() <= now + self._idle_timeout:
@@ -1184,24 +1187,34 @@ class UpstreamPool:
 
     def _trim(self) -> None:
         """
-        Close up to ``_TRIM_BATCH`` idle connections beyond the cap, the oldest first; the rest
-        ``_TRIM_GAP`` seconds later.
+        Close the idle connections beyond the cap that have been idle for ``_SURPLUS_DELAY``,
+        the oldest first, at most ``_TRIM_BATCH`` now; come back for the rest when they are due.
         """
         self._trim_call = None
+        now = self._reactor.seconds()
         budget = _TRIM_BATCH
+        due = _INF
         for idle in self._idle.values():
-            surplus = min(len(idle) - self._max_idle, budget)
-            if surplus <= 0:
-                continue
-            closing = idle[:surplus]
-            del idle[:surplus]
+            surplus = len(idle) - self._max_idle
+            count = 0
+            # Oldest first: the list is in the order the connections became idle.
+            while count < surplus and idle[count]._idle_since + _SURPLUS_DELAY <= now:
+                count += 1
+                if count == budget:
+                    break
+            closing = idle[:count]
+            del idle[:count]
             for conn in closing:
                 conn._close()
-            budget -= surplus
+            budget -= count
             if budget == 0:
                 # Other connections' events are handled before the next batch.
-                self._trim_call = self._reactor.callLater(_TRIM_GAP, self._trim)
-                return
+                due = now + _TRIM_GAP
+                break
+            if surplus > count:
+                due = min(due, idle[0]._idle_since + _SURPLUS_DELAY)
+        if due < _INF:
+            self._trim_call = self._reactor.callLater(due - now, self._trim)
 
     def _discard(self, conn: _Connection) -> None:
         """Forget an idle connection that is closing."""
