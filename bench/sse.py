@@ -3,14 +3,14 @@ Streaming benchmark: concurrent SSE streams from bench/backend.py (a stand-in LL
 and through the gateway, Twisted's stock proxy, nginx with ``proxy_buffering off`` and HAProxy
 (those two when installed).
 
-Two probes per row, each run ``--repeats`` times (default 3, alternating), against one proxy
+Two probes per row, each run ``--repeats`` times (default 5, alternating), against one proxy
 process:
 - MANY concurrent streams (default 1,000): streams lost (fewer events than sent, or an error;
   summed over the runs) and the per-event delay (receive time minus the backend's send time,
   p50/p99);
 - 64 concurrent streams: time to first event beyond the backend's own gap (p50/p99).
 Each delay figure is the median of the runs' figures: on a shared 2-core machine one run's p99 or
-first-event p50 varies up to threefold, and the median of three keeps a noisy run from deciding.
+first-event p50 varies up to fivefold, and the median of five keeps two noisy runs from deciding.
 Before them each row gets a short unmeasured run (16 streams), and with ``--warmup-runs N`` also N
 unmeasured passes of both probes at full size, whose figures are printed but not counted: PyPy's
 JIT is still compiling the gateway's streaming path through the first thousands of streams.
@@ -19,7 +19,7 @@ The probe is an asyncio protocol (one process, no threads) that de-chunks and pa
 it shares the 2 cores with the backend and the proxy, so compare rows of one run.
 
 usage: sse.py [--streams 1000] [--events 20] [--gap-ms 100] [--ttfe-streams 64] [--ttfe-events 50]
-              [--ttfe-gap-ms 20] [--repeats 3] [--warmup-runs 0] [--python PY]
+              [--ttfe-gap-ms 20] [--repeats 5] [--warmup-runs 0] [--python PY]
               [--rows gateway,stock,nginx,haproxy]
 Ports: 127.0.0.1:9310-9315.
 """
@@ -176,7 +176,7 @@ def main() -> int:
     parser.add_argument(
         "--repeats",
         type=int,
-        default=3,
+        default=5,
         help="runs of both probes per row; each figure is the median of the runs' figures",
     )
     parser.add_argument(
