@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import os
+import platform
 import subprocess
 import sys
 
@@ -16,7 +17,14 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from a3s_gateway.demo import DemoUpstreams
 from a3s_gateway.gateway import Gateway
-from a3s_gateway.tap import DEFAULT_CONFIG_PATH, GatewayApplication, Options, makeService
+from a3s_gateway.tap import (
+    DEFAULT_CONFIG_PATH,
+    JIT_PARAMS,
+    GatewayApplication,
+    Options,
+    makeService,
+    tune_jit,
+)
 from a3s_gateway.workers import WorkerSupervisor
 
 CONFIG = """
@@ -167,6 +175,47 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(
             supervisor.argv()[3:7], ["--config", DEFAULT_CONFIG_PATH, "--listen", "127.0.0.1:9999"]
         )
+
+
+class TuneJitTests(SynchronousTestCase):
+    """
+    L{GatewayApplication.startService} sets PyPy's JIT parameters for a server.
+    """
+
+    def test_start_sets_jit_params(self) -> None:
+        """
+        On PyPy, starting the application sets L{JIT_PARAMS} (counters that do not decay)
+        before its services start.
+        """
+        try:
+            import pypyjit
+        except ImportError:
+            raise SkipTest("this interpreter has no JIT (CPython)") from None
+        calls: list[tuple[str, int]] = []
+
+        class Starting(Service):
+            def startService(self) -> None:
+                Service.startService(self)
+                calls.append(("service", 0))
+
+        # pypyjit's own setter, recorded instead of changing the JIT of the test process.
+        self.patch(pypyjit, "set_param", lambda params: calls.append((params, 1)))
+        application = GatewayApplication()
+        Starting().setServiceParent(application)
+        application.startService()
+        self.addCleanup(application.stopService)
+        self.assertEqual(calls, [(JIT_PARAMS, 1), ("service", 0)])
+        self.assertEqual(JIT_PARAMS, "decay=0")
+
+    def test_nothing_without_jit(self) -> None:
+        """
+        Where there is no PyPy JIT (CPython), tuning it does nothing and raises nothing.
+        """
+        if platform.python_implementation() == "PyPy":
+            raise SkipTest("PyPy has a JIT")
+        with self.assertRaises(ImportError):
+            import pypyjit  # noqa: F401
+        self.assertIsNone(tune_jit())
 
 
 class FreezeHeapTests(SynchronousTestCase):
