@@ -1139,6 +1139,24 @@ class KeepAliveTests(SynchronousTestCase):
         self.assertEqual([t.disconnecting for _p, t in connections], [True, True, False])
         self.assertEqual(harness.reactor.getDelayedCalls(), [])
 
+    def test_surplus_long_idle_closed_at_once(self) -> None:
+        """
+        When the cap is passed while the oldest idle connection has already been idle for
+        longer than the surplus delay, it is closed on the reactor's next turn (a real
+        reactor refuses a negative delay).
+        """
+        harness = Harness(max_idle_per_host=1, idle_timeout=0)
+        for _ in range(2):
+            harness.request(timeouts=TimeoutsConfig(0, 0, 0, 0))
+        connections = [harness.connect(index) for index in range(2)]
+        connections[0][0].dataReceived(OK)
+        harness.reactor.advance(_SURPLUS_DELAY + 10)
+        connections[1][0].dataReceived(OK)
+        [trim] = harness.reactor.getDelayedCalls()
+        self.assertEqual(trim.getTime(), harness.reactor.seconds())
+        harness.reactor.advance(0)
+        self.assertEqual([t.disconnecting for _p, t in connections], [True, False])
+
     def test_surplus_closed_in_batches(self) -> None:
         """
         A large surplus is closed _TRIM_BATCH connections at a time, _TRIM_GAP seconds apart,

@@ -1167,8 +1167,9 @@ class UpstreamPool:
         idle.append(conn)
         now = conn._idle_since = conn._seconds()
         if len(idle) > self._max_idle and self._trim_call is None:
+            # The oldest may have been idle for longer than the delay already: trim at once.
             self._trim_call = self._reactor.callLater(
-                idle[0]._idle_since + _SURPLUS_DELAY - now, self._trim
+                max(idle[0]._idle_since + _SURPLUS_DELAY - now, 0.0), self._trim
             )
         conn._state = _IDLE
         conn._handler = None
