@@ -190,6 +190,15 @@ class Harness:
         protocol.dataReceived(response)
         return protocol, transport, recorder
 
+    def pooled(self, count: int, **request: Any) -> List[Tuple[Any, RecordingTransport]]:
+        """C{count} requests on as many new connections, each answered: all idle in the pool."""
+        for _ in range(count):
+            self.request(**request)
+        connections = [self.connect(index) for index in range(-count, 0)]
+        for protocol, _transport in connections:
+            protocol.dataReceived(OK)
+        return connections
+
     @property
     def attempts(self) -> int:
         return len(self.reactor.tcpClients)
@@ -1080,11 +1089,7 @@ class KeepAliveTests(SynchronousTestCase):
         surplus delay has passed, not at once; the newest stay pooled.
         """
         harness = Harness(max_idle_per_host=2)
-        for _ in range(3):
-            harness.request()
-        connections = [harness.connect(index) for index in range(3)]
-        for protocol, _transport in connections:
-            protocol.dataReceived(OK)
+        connections = harness.pooled(3)
         self.assertEqual([t.disconnecting for _p, t in connections], [False, False, False])
         self.assertEqual(harness.pool.idle_connections(), {("http", "10.0.0.7", 8080): 3})
         harness.reactor.advance(_SURPLUS_DELAY - 0.01)
@@ -1104,11 +1109,7 @@ class KeepAliveTests(SynchronousTestCase):
         ends: a burst following another connects nothing anew, and nothing is closed.
         """
         harness = Harness(max_idle_per_host=1)
-        for _ in range(3):
-            harness.request()
-        connections = [harness.connect(index) for index in range(3)]
-        for protocol, _transport in connections:
-            protocol.dataReceived(OK)
+        connections = harness.pooled(3)
         for _ in range(3):
             harness.request()
         self.assertEqual(harness.attempts, 3)
@@ -1164,11 +1165,7 @@ class KeepAliveTests(SynchronousTestCase):
         """
         harness = Harness(max_idle_per_host=1)
         count = 2 * _TRIM_BATCH + 3
-        for _ in range(count):
-            harness.request()
-        connections = [harness.connect(index) for index in range(count)]
-        for protocol, _transport in connections:
-            protocol.dataReceived(OK)
+        connections = harness.pooled(count)
         harness.reactor.advance(_SURPLUS_DELAY)
         closing = [t.disconnecting for _p, t in connections]
         self.assertEqual(closing, [True] * _TRIM_BATCH + [False] * (count - _TRIM_BATCH))
@@ -1183,11 +1180,7 @@ class KeepAliveTests(SynchronousTestCase):
     def test_close_idle_cancels_trim(self) -> None:
         """close_idle closes the surplus with everything else and leaves no trim pending."""
         harness = Harness(max_idle_per_host=1, idle_timeout=0)
-        harness.request(timeouts=TimeoutsConfig(0, 0, 0, 0))
-        harness.request(timeouts=TimeoutsConfig(0, 0, 0, 0))
-        connections = [harness.connect(index) for index in range(2)]
-        for protocol, _transport in connections:
-            protocol.dataReceived(OK)
+        connections = harness.pooled(2, timeouts=TimeoutsConfig(0, 0, 0, 0))
         self.assertEqual(len(harness.reactor.getDelayedCalls()), 1)
         harness.pool.close_idle()
         self.assertTrue(all(t.disconnecting for _p, t in connections))
@@ -1222,11 +1215,7 @@ class KeepAliveTests(SynchronousTestCase):
     def test_close_idle(self) -> None:
         """close_idle closes every idle connection and fires once they are all gone."""
         harness = Harness()
-        harness.request()
-        harness.request()
-        connections = [harness.connect(index) for index in range(2)]
-        for protocol, _transport in connections:
-            protocol.dataReceived(OK)
+        connections = harness.pooled(2)
         closed = harness.pool.close_idle()
         self.assertNoResult(closed)
         self.assertTrue(all(t.disconnecting for _p, t in connections))
