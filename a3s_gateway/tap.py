@@ -120,7 +120,7 @@ def tune_jit() -> None:
     from being compiled. A gateway's paths (a connection's setup, a stream's event, a
     response's head) run thousands of times a second, interleaved, and under the default the
     JIT went on tracing them at every 1,000-stream burst, pausing the gateway up to ~30 ms
-    per trace. Without the decay, measured side by side: throughput +10 to 12% (wrk, 50
+    per trace. Without the decay, measured side by side: throughput +11 to 14% (wrk, 50
     connections), the per-event delay p99 at 1,000 SSE streams halved (median of ten runs
     12 to 14 ms against 22.5).
     """
