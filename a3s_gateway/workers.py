@@ -207,6 +207,9 @@ class WorkerSupervisor(Service):
                 how=how,
             )
             self.exit_code = 1
+            # Stopping from here on: the other workers, failing the same way in this same turn
+            # (a port none of them can bind), must not stop the reactor a second time.
+            self._stopping = True
             self._reactor.stop()
             return
         now = self._reactor.seconds()

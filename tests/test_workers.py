@@ -149,6 +149,19 @@ class SupervisorTests(SynchronousTestCase):
         fake.advance(60)
         self.assertEqual(len(fake.spawned), 2)
 
+    def test_start_failure_of_every_worker(self) -> None:
+        """
+        Workers that all exit before they are ready (a port every one of them fails to bind)
+        stop the reactor once: the reactor refuses a second stop, which would log a traceback.
+        """
+        supervisor, fake = self.supervisor(3)
+        for spawned in fake.spawned:
+            spawned.end(1)
+        self.assertEqual((fake.stops, supervisor.exit_code), (1, 1))
+        self.assertEqual(supervisor.pids(), [])
+        fake.advance(60)
+        self.assertEqual(len(fake.spawned), 3)
+
     def test_restart(self) -> None:
         """
         A serving worker that dies is replaced in the same slot after the initial delay.
