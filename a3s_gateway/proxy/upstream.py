@@ -1196,13 +1196,11 @@ class UpstreamPool:
         budget = _TRIM_BATCH
         due = _INF
         for idle in self._idle.values():
-            surplus = len(idle) - self._max_idle
+            limit = min(len(idle) - self._max_idle, budget)
             count = 0
             # Oldest first: the list is in the order the connections became idle.
-            while count < surplus and idle[count]._idle_since + _SURPLUS_DELAY <= now:
+            while count < limit and idle[count]._idle_since + _SURPLUS_DELAY <= now:
                 count += 1
-                if count == budget:
-                    break
             closing = idle[:count]
             del idle[:count]
             for conn in closing:
@@ -1212,7 +1210,7 @@ class UpstreamPool:
                 # Other connections' events are handled before the next batch.
                 due = now + _TRIM_GAP
                 break
-            if surplus > count:
+            if len(idle) > self._max_idle:
                 due = min(due, idle[0]._idle_since + _SURPLUS_DELAY)
         if due < _INF:
             self._trim_call = self._reactor.callLater(due - now, self._trim)
