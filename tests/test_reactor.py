@@ -14,12 +14,13 @@ import sys
 import time
 from typing import Any, List
 
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet import tcp
+from twisted.internet.protocol import ClientFactory, Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from a3s_gateway.proxy.site import GatewaySite
-from a3s_gateway.reactor import SEND_EVERY, GatewayReactor
+from a3s_gateway.reactor import INTAKE_BATCH, SEND_EVERY, GatewayReactor
 from a3s_gateway.testing import EchoResource
 from a3s_gateway.transport import TCPServerEndpoint
 
@@ -29,6 +30,7 @@ def _close(reactor: GatewayReactor) -> None:
     for selectable in reactor.removeAll():
         selectable.connectionLost(Failure(ConnectionError("test over")))  # type: ignore[attr-defined]
     reactor._poller.close()
+    reactor._intake.close()
 
 
 class _Echo(Protocol):
@@ -194,13 +196,16 @@ class GatewayReactorTests(SynchronousTestCase):
 
 
 class _Counted(Protocol):
-    """Echoes, and checks at the last of a batch how many echoes their clients already have."""
+    """
+    Echoes, and checks at the last event of a turn's intake batch how many echoes their clients
+    already have.
+    """
 
     def dataReceived(self, data: bytes) -> None:
         self.transport.write(data)  # type: ignore[union-attr]
         batch = self.factory.batch  # type: ignore[attr-defined]
         batch.append(self)
-        if len(batch) == len(self.factory.clients):  # type: ignore[attr-defined]
+        if len(batch) == INTAKE_BATCH:
             arrived = 0
             for client in self.factory.clients:  # type: ignore[attr-defined]
                 try:
@@ -211,6 +216,34 @@ class _Counted(Protocol):
             self.factory.arrived_before_last = arrived  # type: ignore[attr-defined]
 
 
+def _ready_clients(
+    test: SynchronousTestCase, reactor: GatewayReactor, factory: Factory, count: int
+) -> List[socket.socket]:
+    """
+    C{count} connections accepted by C{reactor} on a port serving C{factory}; each has sent
+    one byte, which the reactor has not read yet.
+    """
+    port = test.successResultOf(TCPServerEndpoint(reactor, 0, "127.0.0.1").listen(factory))
+    test.addCleanup(port.stopListening)
+    clients = []
+    readers = len(reactor.getReaders())
+    for _ in range(count):
+        client = socket.create_connection(("127.0.0.1", port.getHost().port))
+        client.setblocking(False)
+        test.addCleanup(client.close)
+        clients.append(client)
+    for _ in range(200):
+        if len(reactor.getReaders()) == readers + count:
+            break
+        reactor.iterate(0.01)
+    else:
+        test.fail("the connections were never accepted")
+    for client in clients:
+        client.send(b"x")
+    time.sleep(0.05)
+    return clients
+
+
 class BatchSendTests(SynchronousTestCase):
     """
     The gateway's transports' writes are sent every L{SEND_EVERY} events of a batch, not only
@@ -219,35 +252,164 @@ class BatchSendTests(SynchronousTestCase):
 
     def test_sent_during_a_long_batch(self) -> None:
         """
-        When 20 connections are ready in one poll, by the time the last is handled the echoes
-        of at least the first 16 have reached their clients.
+        When 20 connections are ready in one poll, by the time the last of the turn's 16 is
+        handled the echoes of at least the first 8 have reached their clients.
         """
         reactor = GatewayReactor()
         self.addCleanup(_close, reactor)
         factory = Factory.forProtocol(_Counted)
         factory.batch = []  # type: ignore[attr-defined]
-        factory.clients = []  # type: ignore[attr-defined]
         factory.arrived_before_last = None  # type: ignore[attr-defined]
-        port = self.successResultOf(TCPServerEndpoint(reactor, 0, "127.0.0.1").listen(factory))
-        self.addCleanup(port.stopListening)
-        clients = factory.clients  # type: ignore[attr-defined]
-        for _ in range(20):
-            client = socket.create_connection(("127.0.0.1", port.getHost().port))
-            client.setblocking(False)
-            self.addCleanup(client.close)
-            clients.append(client)
-        for _ in range(200):
-            # The waker, the port and the 20 connections.
-            if len(reactor.getReaders()) == 22:
-                break
-            reactor.iterate(0.01)
-        for client in clients:
-            client.send(b"x")
-        time.sleep(0.05)
+        factory.clients = _ready_clients(self, reactor, factory, 20)  # type: ignore[attr-defined]
         reactor.doPoll(0)
-        self.assertEqual(len(factory.batch), 20)  # type: ignore[attr-defined]
-        self.assertGreaterEqual(factory.arrived_before_last, 16)  # type: ignore[attr-defined]
-        self.assertEqual(SEND_EVERY, 8)
+        self.assertEqual(len(factory.batch), INTAKE_BATCH)  # type: ignore[attr-defined]
+        self.assertGreaterEqual(factory.arrived_before_last, 8)  # type: ignore[attr-defined]
+        self.assertEqual((SEND_EVERY, INTAKE_BATCH), (8, 16))
+
+
+class _Recorded(Protocol):
+    """Appends its factory's label to the factory's shared C{order} list on each read."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.factory.order.append(self.factory.label)  # type: ignore[attr-defined]
+
+
+class _Keeping(Factory):
+    """Keeps the protocols it builds."""
+
+    def __init__(self) -> None:
+        self.protocols: List[Protocol] = []
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        protocol = Protocol()
+        self.protocols.append(protocol)
+        return protocol
+
+
+class _Never:
+    """A selectable the reactor never had, its descriptor closed."""
+
+    def fileno(self) -> int:
+        return -1
+
+
+class IntakeTests(SynchronousTestCase):
+    """
+    Outgoing connections' events are handled before incoming connections', which are handled
+    L{INTAKE_BATCH} per turn.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = GatewayReactor()
+        self.addCleanup(_close, self.reactor)
+        self.order: List[str] = []
+
+    def factory(self, label: str) -> ClientFactory:
+        factory = ClientFactory.forProtocol(_Recorded)
+        factory.order = self.order  # type: ignore[attr-defined]
+        factory.label = label  # type: ignore[attr-defined]
+        return factory
+
+    def outgoing(self) -> socket.socket:
+        """
+        An outgoing connection of the reactor (as to an upstream); the socket of its far end.
+        """
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.setblocking(False)
+        connector = self.reactor.connectTCP(
+            "127.0.0.1", listener.getsockname()[1], self.factory("outgoing")
+        )
+        self.addCleanup(connector.disconnect)
+        accepted: List[socket.socket] = []
+
+        def connected() -> bool:
+            if not accepted:
+                try:
+                    accepted.append(listener.accept()[0])
+                except BlockingIOError:
+                    pass
+            return bool(accepted) and connector.state == "connected"
+
+        for _ in range(200):
+            if connected():
+                break
+            self.reactor.iterate(0.01)
+        else:
+            self.fail("never connected")
+        far = accepted[0]
+        self.addCleanup(far.close)
+        return far
+
+    def test_outgoing_first(self) -> None:
+        """
+        With 20 incoming connections and one outgoing connection ready, a turn handles the
+        outgoing one first, then 16 of the incoming ones.
+        """
+        far = self.outgoing()
+        _ready_clients(self, self.reactor, self.factory("incoming"), 20)
+        far.sendall(b"event")
+        time.sleep(0.05)
+        self.reactor.doPoll(0)
+        self.assertEqual(self.order, ["outgoing"] + ["incoming"] * INTAKE_BATCH)
+
+    def test_incoming_not_starved(self) -> None:
+        """
+        Incoming connections ready together are all handled over the next turns, 16 a turn,
+        even when an outgoing connection has something to read at every turn.
+        """
+        far = self.outgoing()
+        _ready_clients(self, self.reactor, self.factory("incoming"), 40)
+        for _ in range(3):
+            far.sendall(b"event")
+            time.sleep(0.02)
+            self.reactor.doPoll(0)
+        self.assertEqual(
+            self.order,
+            ["outgoing"]
+            + ["incoming"] * 16
+            + ["outgoing"]
+            + ["incoming"] * 16
+            + ["outgoing"]
+            + ["incoming"] * 8,
+        )
+
+    def test_removed_once_closed(self) -> None:
+        """
+        A connection whose descriptor is already closed (C{fileno()} is -1) is still removed,
+        from whichever poller it was registered with, as Twisted's epoll reactor does; one the
+        reactor never had is ignored.
+        """
+        self.outgoing()
+        factory = _Keeping()
+        _ready_clients(self, self.reactor, factory, 1)
+        [outgoing] = [
+            reader for reader in self.reactor.getReaders() if isinstance(reader, tcp.Client)
+        ]
+        [incoming] = factory.protocols
+        for connection in [outgoing, incoming.transport]:
+            fileno = connection.fileno  # type: ignore[union-attr]
+            real = fileno()
+            connection.fileno = lambda: -1  # type: ignore[union-attr]
+            self.reactor.removeReader(connection)
+            self.assertNotIn(connection, self.reactor.getReaders())
+            self.assertNotIn(real, self.reactor._selectables)
+            connection.fileno = fileno  # type: ignore[union-attr]
+            connection.connectionLost(Failure(ConnectionError("test over")))  # type: ignore[union-attr]
+        self.reactor.removeReader(_Never())
+
+    def test_turn_without_incoming(self) -> None:
+        """
+        A turn in which no incoming connection is ready handles the outgoing connection's
+        event alone.
+        """
+        far = self.outgoing()
+        far.sendall(b"event")
+        time.sleep(0.02)
+        self.reactor.doPoll(0)
+        self.assertEqual(self.order, ["outgoing"])
 
 
 class InstallTests(SynchronousTestCase):

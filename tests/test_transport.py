@@ -340,6 +340,7 @@ class TurnFlushTests(TestCase):
         for selectable in other.removeAll():
             selectable.connectionLost(_DONE)  # type: ignore[attr-defined]
         other._poller.close()
+        other._intake.close()
         gone = weakref.ref(other)
         del other
         gc.collect()
