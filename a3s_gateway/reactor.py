@@ -57,18 +57,18 @@ class GatewayReactor(EPollReactor):
 
     Incoming connections (L{tcp.Port}s and the L{tcp.Server}s they accept: clients arriving,
     their requests, their closes) are registered with a second epoll object, the intake, which
-    the main one watches like any descriptor. Each turn handles every ready event of the main
-    poller (outgoing connections: upstream responses and the streamed events they carry, plus
-    the reactor's own descriptors), then at most L{INTAKE_BATCH} events of the intake. Why:
-    setting up a stream costs the gateway about 200 us on CPython, so 1,000 streams opening at
-    once are 200 ms of work; handled as one batch (as a single epoll object returns them) the
-    events of the streams already running waited behind up to 60 ms of it, and their first and
-    last events' delay made the per-event p99 three to four times going direct. With the intake
-    read 16 events at a time, a running stream's event waits for at most 16 set-ups, about
-    3 ms. Every turn still takes up to 16 intake events, so no burst of upstream traffic
-    starves new clients; the epoll object returns ready descriptors in turn (those it reported
-    go behind the rest), so none is starved within the intake either. HAProxy bounds its loop
-    the same way (C{tune.maxaccept}, C{tune.maxpollevents}).
+    the main one watches like any descriptor (L{_Pollers}). Each turn handles every ready event
+    of the main poller (outgoing connections: upstream responses and the streamed events they
+    carry, plus the reactor's own descriptors), then at most L{INTAKE_BATCH} events of the
+    intake. Why: setting up a stream costs the gateway about 200 us on CPython, so 1,000 streams
+    opening at once are 200 ms of work; handled as one batch (as a single epoll object returns
+    them) the events of the streams already running waited behind up to 60 ms of it, and their
+    first events' delay made the per-event p99 three to four times going direct. With the intake
+    read 16 events at a time, a running stream's event waits for at most 16 set-ups, about 3 ms.
+    Every turn still takes up to 16 intake events, so no burst of upstream traffic starves new
+    clients; the epoll object returns ready descriptors in turn (those it reported go behind the
+    rest), so none is starved within the intake either. HAProxy bounds its loop the same way
+    (C{tune.maxaccept}, C{tune.maxpollevents}).
 
     The gateway's transports (L{a3s_gateway.transport}) send what a turn wrote at its end. When
     many connections are ready at once (64 streams opening together), the first one's upstream
@@ -79,19 +79,17 @@ class GatewayReactor(EPollReactor):
     """
 
     def __init__(self) -> None:
-        # Before the base class, which registers the reactor's waker.
-        self._intake = select.epoll()
-        self._intake_fd = self._intake.fileno()
-        # The descriptors registered with the intake rather than the main poller.
-        self._intake_fds: Set[int] = set()
         super().__init__()
-        self._poller.register(self._intake_fd, select.EPOLLIN)
+        # The base class made one epoll object and registered the waker with it.
+        made, self._poller = self._poller, _Pollers()
+        for fd in self._selectables:
+            flags = (select.EPOLLIN if fd in self._reads else 0) | (
+                select.EPOLLOUT if fd in self._writes else 0
+            )
+            self._poller.register(fd, flags)
+        made.close()
         self._flusher = flusher_for(self)
 
-    def _poller_of(self, fd: int) -> Any:
-        return self._intake if fd in self._intake_fds else self._poller
-
-    # _add and _remove are EPollReactor's, choosing the epoll object by the descriptor.
     def _add(
         self,
         xer: Any,
@@ -101,43 +99,10 @@ class GatewayReactor(EPollReactor):
         event: int,
         antievent: int,
     ) -> None:
-        fd = xer.fileno()
-        if fd not in primary:
-            flags = event
-            if fd in other:
-                flags |= antievent
-                self._poller_of(fd).modify(fd, flags)
-            elif isinstance(xer, (tcp.Port, tcp.Server)):
-                self._intake.register(fd, flags)
-                self._intake_fds.add(fd)
-            else:
-                self._poller.register(fd, flags)
-            primary.add(fd)
-            selectables[fd] = xer
-
-    def _remove(
-        self,
-        xer: Any,
-        primary: Set[int],
-        other: Set[int],
-        selectables: Dict[int, Any],
-        event: int,
-        antievent: int,
-    ) -> None:
-        fd = xer.fileno()
-        if fd == -1:
-            # Already closed: found by the object, as EPollReactor does.
-            fd = next((number for number, known in selectables.items() if known is xer), -1)
-            if fd == -1:
-                return
-        if fd in primary:
-            if fd in other:
-                self._poller_of(fd).modify(fd, antievent)
-            else:
-                del selectables[fd]
-                self._poller_of(fd).unregister(fd)
-                self._intake_fds.discard(fd)
-            primary.remove(fd)
+        if isinstance(xer, (tcp.Port, tcp.Server)):
+            # Named before EPollReactor registers it: the pollers put it in the intake.
+            self._poller.incoming.add(xer.fileno())
+        super()._add(xer, primary, other, selectables, event, antievent)
 
     def doPoll(self, timeout: Optional[float]) -> None:
         """
@@ -156,7 +121,7 @@ class GatewayReactor(EPollReactor):
             raise
         handled, intake = self._handle(events, 0)
         if intake:
-            self._handle(self._intake.poll(0, INTAKE_BATCH), handled)
+            self._handle(self._poller.intake.poll(0, INTAKE_BATCH), handled)
 
     def _handle(self, events: List[Tuple[int, int]], handled: int) -> Tuple[int, bool]:
         """
@@ -166,7 +131,7 @@ class GatewayReactor(EPollReactor):
         handle = self._doReadOrWrite
         selectables = self._selectables
         flusher = self._flusher
-        intake_fd = self._intake_fd
+        intake_fd = self._poller.intake_fd
         intake = False
         for fd, event in events:
             if fd == intake_fd:
@@ -192,6 +157,42 @@ class GatewayReactor(EPollReactor):
         return handled, intake
 
     doIteration = doPoll
+
+
+class _Pollers:
+    """
+    A L{GatewayReactor}'s two epoll objects behind the interface that L{EPollReactor} gives its
+    one: a descriptor named in L{incoming} first is registered with the intake, any other with
+    the main object, which is the one C{poll} waits on and which watches the intake.
+    """
+
+    def __init__(self) -> None:
+        self.main = select.epoll()
+        self.intake = select.epoll()
+        self.intake_fd = self.intake.fileno()
+        self.main.register(self.intake_fd, select.EPOLLIN)
+        # The descriptors that are (or are about to be) registered with the intake.
+        self.incoming: Set[int] = set()
+
+    def _of(self, fd: int) -> select.epoll:
+        return self.intake if fd in self.incoming else self.main
+
+    def register(self, fd: int, flags: int) -> None:
+        self._of(fd).register(fd, flags)
+
+    def modify(self, fd: int, flags: int) -> None:
+        self._of(fd).modify(fd, flags)
+
+    def unregister(self, fd: int) -> None:
+        self._of(fd).unregister(fd)
+        self.incoming.discard(fd)
+
+    def poll(self, timeout: float, maxevents: int) -> List[Tuple[int, int]]:
+        return self.main.poll(timeout, maxevents)
+
+    def close(self) -> None:
+        self.main.close()
+        self.intake.close()
 
 
 def install() -> None:

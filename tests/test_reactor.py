@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from a3s_gateway.proxy.site import GatewaySite
-from a3s_gateway.reactor import INTAKE_BATCH, SEND_EVERY, GatewayReactor
+from a3s_gateway.reactor import INTAKE_BATCH, SEND_EVERY, GatewayReactor, _Pollers
 from a3s_gateway.testing import EchoResource
 from a3s_gateway.transport import TCPServerEndpoint
 
@@ -30,7 +30,6 @@ def _close(reactor: GatewayReactor) -> None:
     for selectable in reactor.removeAll():
         selectable.connectionLost(Failure(ConnectionError("test over")))  # type: ignore[attr-defined]
     reactor._poller.close()
-    reactor._intake.close()
 
 
 class _Echo(Protocol):
@@ -399,6 +398,27 @@ class IntakeTests(SynchronousTestCase):
             connection.fileno = fileno  # type: ignore[union-attr]
             connection.connectionLost(Failure(ConnectionError("test over")))  # type: ignore[union-attr]
         self.reactor.removeReader(_Never())
+
+    def test_number_reused(self) -> None:
+        """
+        A descriptor number that was an incoming connection's, once unregistered, goes to the
+        main epoll object when registered again for anything else.
+        """
+        pollers = _Pollers()
+        self.addCleanup(pollers.close)
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        fd = ours.fileno()
+        theirs.send(b"x")
+        pollers.incoming.add(fd)
+        pollers.register(fd, select.EPOLLIN)
+        self.assertEqual(pollers.intake.poll(0, 8), [(fd, select.EPOLLIN)])
+        self.assertEqual(pollers.poll(0, 8), [(pollers.intake_fd, select.EPOLLIN)])
+        pollers.unregister(fd)
+        pollers.register(fd, select.EPOLLIN)
+        self.assertEqual(pollers.poll(0, 8), [(fd, select.EPOLLIN)])
+        self.assertEqual(pollers.intake.poll(0, 8), [])
 
     def test_turn_without_incoming(self) -> None:
         """

@@ -340,7 +340,6 @@ class TurnFlushTests(TestCase):
         for selectable in other.removeAll():
             selectable.connectionLost(_DONE)  # type: ignore[attr-defined]
         other._poller.close()
-        other._intake.close()
         gone = weakref.ref(other)
         del other
         gc.collect()
