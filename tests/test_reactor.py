@@ -1,6 +1,7 @@
 """
 Tests for L{a3s_gateway.reactor}: a L{GatewayReactor} of its own (not trial's), driven one
 iteration at a time, serving real loopback sockets; failing handlers; the poller's EINTR; the
+sends during a long batch; outgoing connections first and incoming ones a batch a turn; the
 C{install} that twistd and trial call.
 """
 
