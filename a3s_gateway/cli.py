@@ -11,6 +11,7 @@ configuration, print the version.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import List, Optional, TextIO
 
@@ -147,6 +148,29 @@ def run(
     return max([s.exit_code for s in supervisors], default=0)
 
 
+def _restart_with_nursery() -> None:
+    """
+    On PyPy, run this command again in place (the same process, arguments and environment) with
+    the garbage collector's nursery size that L{a3s_gateway.tap.gc_nursery} chooses, which PyPy
+    reads only as it starts. Elsewhere, or when the environment names a size, nothing happens.
+    """
+    from a3s_gateway.tap import NURSERY_ENV, gc_nursery
+
+    nursery = gc_nursery(os.environ)
+    if nursery is None:
+        return
+    # Set before the attempt: should it fail, the workers this process starts still get it.
+    os.environ[NURSERY_ENV] = nursery
+    # Started the same way again, so that the same code is found on the same path: the console
+    # script as a script, "python -m" as a module.
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    start = ["-m", spec.name] if spec is not None else [sys.argv[0]]
+    try:
+        os.execv(sys.executable, [sys.executable, *start, *sys.argv[1:]])
+    except OSError as e:
+        sys.stderr.write(f"Could not restart with {NURSERY_ENV}={nursery}: {e}\n")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """
     The console script's entry point.
@@ -160,6 +184,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if options.subCommand == "validate":
         path = options.subOptions["config"] or options["config"] or "gateway.hcl"
         return validate(path, sys.stdout, sys.stderr)
+    if argv is None:
+        _restart_with_nursery()
     return run(
         options["config"], options["listen"], sys.stderr, options["workers"], options["worker-of"]
     )

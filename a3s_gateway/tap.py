@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import gc
 import os
+import platform
 import sys
-from typing import Any, List, Optional
+from typing import Any, List, Mapping, Optional
 
 import attr
 from twisted.application.service import IService, MultiService
@@ -21,6 +22,8 @@ from twisted.python import usage
 from a3s_gateway import __version__
 from a3s_gateway.config import ConfigError, GatewayConfig, apply_listen, load_config
 from a3s_gateway.config.validate import validate_config
+
+IS_PYPY = platform.python_implementation() == "PyPy"
 
 DEFAULT_CONFIG_PATH = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "conf", "gateway.hcl"
@@ -129,6 +132,74 @@ def tune_jit() -> None:
     except ImportError:
         return
     pypyjit.set_param(JIT_PARAMS)
+
+
+NURSERY_ENV = "PYPY_GC_NURSERY"
+"""The environment variable PyPy reads its garbage collector's nursery size from, at start."""
+
+NURSERY_MIN, NURSERY_MAX = 4 * 2**20, 32 * 2**20
+"""The bounds of the nursery size L{gc_nursery} chooses, in bytes."""
+
+CPU_CACHES = "/sys/devices/system/cpu/cpu0/cache"
+
+
+def _cache_size(text: str) -> int:
+    """A sysfs cache size (``32768K``, ``2M``, ``512``) in bytes."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    text = text.strip()
+    if text[-1:].upper() in units:
+        return int(text[:-1]) * units[text[-1].upper()]
+    return int(text)
+
+
+def last_level_cache(caches: str = CPU_CACHES) -> Optional[int]:
+    """
+    The size in bytes of the highest-level data (or unified) cache of the first CPU, as Linux
+    describes it under C{caches}; None when that is unknown.
+    """
+    try:
+        names = os.listdir(caches)
+    except OSError:
+        return None
+    found: Optional[tuple[int, int]] = None
+    for name in names:
+        if not name.startswith("index"):
+            continue
+        try:
+            with open(os.path.join(caches, name, "type")) as f:
+                kind = f.read().strip()
+            with open(os.path.join(caches, name, "level")) as f:
+                level = int(f.read())
+            with open(os.path.join(caches, name, "size")) as f:
+                size = _cache_size(f.read())
+        except (OSError, ValueError):
+            continue
+        if kind != "Instruction" and (found is None or level > found[0]):
+            found = (level, size)
+    return None if found is None else found[1]
+
+
+def gc_nursery(
+    environ: Mapping[str, str], pypy: bool = IS_PYPY, caches: str = CPU_CACHES
+) -> Optional[str]:
+    """
+    The C{PYPY_GC_NURSERY} value the C{a3s-gateway} command starts PyPy with: half the
+    last-level cache, within L{NURSERY_MIN} and L{NURSERY_MAX}. None where it sets none: not
+    PyPy, the variable already set (the operator's choice stands), or the cache size unknown.
+
+    Why: every new object is made in the nursery, and the nursery is collected each time it is
+    full. PyPy sizes it from the cache size in C{/proc/cpuinfo}, which on x86 is the second-level
+    cache (1 MiB on the development VM, whose third-level cache is 32 MiB): a 1 MiB nursery,
+    collected many times a second under load. Measured there (PyPy 7.3.11, wrk with 50
+    connections, the gateway on its own core, medians of eight rounds): 25.1k req/s with PyPy's
+    choice, 29.1k with 4 MiB, 31.0k with 8 MiB, 34.0k with 16 MiB, 33.1k with 32 MiB.
+    """
+    if not pypy or NURSERY_ENV in environ:
+        return None
+    size = last_level_cache(caches)
+    if size is None:
+        return None
+    return f"{min(NURSERY_MAX, max(NURSERY_MIN, size // 2)) // 1024}KB"
 
 
 def freeze_heap() -> None:

@@ -14,8 +14,9 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectError
 from twisted.internet.task import deferLater
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
+from a3s_gateway.tap import NURSERY_ENV, gc_nursery
 from a3s_gateway.testing import EchoResource, unused_tcp_port
 from tests.support import (
     HeldResource,
@@ -33,9 +34,14 @@ BIN = os.path.dirname(sys.executable)
 class ProcessTests(TestCase):
     timeout = 60
 
-    def spawn(self, argv: List[str], env: Optional[Dict[str, str]] = None) -> ProcessOutput:
+    def spawn(
+        self,
+        argv: List[str],
+        env: Optional[Dict[str, str]] = None,
+        replace_env: Optional[Dict[str, str]] = None,
+    ) -> ProcessOutput:
         process = ProcessOutput()
-        environment = dict(os.environ)
+        environment = dict(os.environ if replace_env is None else replace_env)
         environment.update(env or {})
         transport = reactor.spawnProcess(  # type: ignore[attr-defined]
             process, argv[0], argv, env=environment
@@ -113,6 +119,60 @@ class ProcessTests(TestCase):
         argv = [os.path.join(BIN, "a3s-gateway"), "--config", path]
         process = yield self.drain_on(argv, port, held, signal.SIGINT, 0)
         self.assertIn(b"reactor class: a3s_gateway.reactor.GatewayReactor", process.output)
+
+    def environment_of(self, pid: int) -> Dict[str, str]:
+        """
+        The environment process C{pid} runs with (as exec gave it).
+        """
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            pairs = [item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item]
+        return {name.decode(): value.decode() for name, value in pairs}
+
+    @defer.inlineCallbacks
+    def test_command_chooses_nursery(self) -> None:
+        """
+        ``a3s-gateway`` and ``python -m a3s_gateway.cli`` run on PyPy with the nursery size
+        L{gc_nursery} chooses: the process started is the one serving, now with
+        ``PYPY_GC_NURSERY`` in its environment. On CPython the environment is left as it was.
+        """
+        if not os.path.exists("/proc/self/environ"):
+            raise SkipTest("needs /proc to read a process's environment")
+        server = backend(self, EchoResource("fine"))
+        expected = gc_nursery({})
+        for start in (
+            [os.path.join(BIN, "a3s-gateway")],
+            [sys.executable, "-m", "a3s_gateway.cli"],
+        ):
+            port = unused_tcp_port()
+            path = gateway_config_file(self, port, server.url)
+            environment = {k: v for k, v in os.environ.items() if k != NURSERY_ENV}
+            process = self.spawn([*start, "--config", path], replace_env=environment)
+            yield self.wait_listening(port, process)
+            response = yield raw_request(
+                port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            self.assertEqual(parse_response(response)[0], 200)
+            pid = process.transport.pid  # type: ignore[union-attr]
+            self.assertEqual(self.environment_of(pid).get(NURSERY_ENV), expected, start)
+            os.kill(pid, signal.SIGTERM)
+            code = yield process.ended
+            self.assertEqual(code, 0, process.output)
+
+    @defer.inlineCallbacks
+    def test_command_keeps_operator_nursery(self) -> None:
+        """
+        A ``PYPY_GC_NURSERY`` the operator set is the one the gateway runs with.
+        """
+        if not os.path.exists("/proc/self/environ"):
+            raise SkipTest("needs /proc to read a process's environment")
+        server = backend(self, EchoResource("fine"))
+        port = unused_tcp_port()
+        path = gateway_config_file(self, port, server.url)
+        argv = [os.path.join(BIN, "a3s-gateway"), "--config", path]
+        process = self.spawn(argv, {NURSERY_ENV: "2MB"})
+        yield self.wait_listening(port, process)
+        pid = process.transport.pid  # type: ignore[union-attr]
+        self.assertEqual(self.environment_of(pid)[NURSERY_ENV], "2MB")
 
     @defer.inlineCallbacks
     def test_twistd_on_gateway_reactor(self) -> None:

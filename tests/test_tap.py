@@ -20,8 +20,11 @@ from a3s_gateway.gateway import Gateway
 from a3s_gateway.tap import (
     DEFAULT_CONFIG_PATH,
     JIT_PARAMS,
+    NURSERY_ENV,
     GatewayApplication,
     Options,
+    gc_nursery,
+    last_level_cache,
     makeService,
     tune_jit,
 )
@@ -216,6 +219,87 @@ class TuneJitTests(SynchronousTestCase):
         with self.assertRaises(ImportError):
             import pypyjit  # noqa: F401
         self.assertIsNone(tune_jit())
+
+
+class NurseryTests(SynchronousTestCase):
+    """
+    L{gc_nursery}: the PyPy nursery size the C{a3s-gateway} command starts with, from the CPU's
+    caches as Linux describes them.
+    """
+
+    def caches(self, *entries: tuple[str, int, str]) -> str:
+        """
+        A directory laid out as C{/sys/devices/system/cpu/cpu0/cache}, one C{index<N>} per
+        C{(type, level, size)}.
+        """
+        root = self.mktemp()
+        for number, (kind, level, size) in enumerate(entries):
+            index = os.path.join(root, f"index{number}")
+            os.makedirs(index)
+            for name, value in (("type", kind), ("level", str(level)), ("size", size)):
+                with open(os.path.join(index, name), "w") as f:
+                    f.write(value + "\n")
+        return root
+
+    def test_half_the_last_level_cache(self) -> None:
+        """
+        The nursery is half the highest-level data or unified cache (the development VM's
+        caches: 32 KiB L1 data and instruction, 1 MiB L2, 32 MiB L3).
+        """
+        caches = self.caches(
+            ("Data", 1, "32K"),
+            ("Instruction", 1, "32K"),
+            ("Unified", 2, "1024K"),
+            ("Unified", 3, "32768K"),
+        )
+        self.assertEqual(last_level_cache(caches), 32 * 2**20)
+        self.assertEqual(gc_nursery({}, pypy=True, caches=caches), "16384KB")
+
+    def test_bounds(self) -> None:
+        """
+        The nursery is at least 4 MiB (a machine described with a small last cache) and at most
+        32 MiB (a large one).
+        """
+        small = self.caches(("Data", 1, "32K"), ("Unified", 2, "2M"))
+        large = self.caches(("Unified", 2, "1024K"), ("Unified", 3, "256M"))
+        self.assertEqual(gc_nursery({}, pypy=True, caches=small), "4096KB")
+        self.assertEqual(gc_nursery({}, pypy=True, caches=large), "32768KB")
+
+    def test_instruction_cache_ignored(self) -> None:
+        """
+        An instruction cache, even the highest-level one listed, does not size the nursery;
+        a size without a unit is in bytes.
+        """
+        caches = self.caches(("Unified", 2, "16777216"), ("Instruction", 3, "64M"))
+        self.assertEqual(last_level_cache(caches), 16 * 2**20)
+        self.assertEqual(gc_nursery({}, pypy=True, caches=caches), "8192KB")
+
+    def test_unreadable_entries_skipped(self) -> None:
+        """
+        An entry whose size or level cannot be read is skipped; with none readable the cache
+        size is unknown and no nursery is chosen (PyPy's own choice stands).
+        """
+        caches = self.caches(("Unified", 2, "1024K"), ("Unified", 3, "lots"))
+        self.assertEqual(last_level_cache(caches), 2**20)
+        broken = self.caches(("Unified", 3, "lots"))
+        self.assertIsNone(last_level_cache(broken))
+        self.assertIsNone(gc_nursery({}, pypy=True, caches=broken))
+        missing = os.path.join(self.mktemp(), "cache")
+        self.assertIsNone(gc_nursery({}, pypy=True, caches=missing))
+
+    def test_operator_choice_stands(self) -> None:
+        """
+        With C{PYPY_GC_NURSERY} already in the environment, none is chosen.
+        """
+        caches = self.caches(("Unified", 3, "32768K"))
+        self.assertIsNone(gc_nursery({NURSERY_ENV: "1MB"}, pypy=True, caches=caches))
+
+    def test_not_pypy(self) -> None:
+        """
+        Other interpreters get none: the variable means nothing to them.
+        """
+        caches = self.caches(("Unified", 3, "32768K"))
+        self.assertIsNone(gc_nursery({}, pypy=False, caches=caches))
 
 
 class FreezeHeapTests(SynchronousTestCase):
