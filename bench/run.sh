@@ -257,11 +257,13 @@ row backend "$backend_label" $BACKEND_PORT $backend_ok
 [ "$have_nginx" = 1 ] && row nginx-proxy "nginx proxy (upstream keepalive)" $NGINX_PROXY_PORT $nginx_proxy_ok
 [ "$have_haproxy" = 1 ] && row haproxy "HAProxy (1 thread)" $HAPROXY_PORT $haproxy_ok
 row stock "twisted stock ReverseProxyResource" $STOCK_PORT $stock_ok
-row gateway "a3s-gateway" $GATEWAY_PORT $gateway_ok
-row gateway-twistd "a3s-gateway, twistd default reactor" $TWISTD_PORT $twistd_ok
+# The rows of the two target ratios are measured one right after the other in every round (the
+# hello-world, the gateway, the chain), so that the machine's drift between them is the least.
 row hello "twisted.web hello-world" $HELLO_PORT $hello_ok
+row gateway "a3s-gateway" $GATEWAY_PORT $gateway_ok
 row chain "a3s-gateway + api-key,rate,headers" $CHAIN_PORT $chain_ok "X-API-Key: bench-key"
 row observed "a3s-gateway + metrics,access log" $OBSERVED_PORT $observed_ok
+row gateway-twistd "a3s-gateway, twistd default reactor" $TWISTD_PORT $twistd_ok
 
 wrk_args() { # index -> wrk's header arguments for that row, one per line
   [ -n "${headers[$1]}" ] && printf '%s\n' -H "${headers[$1]}"
