@@ -44,13 +44,8 @@ die() { echo "bench/run.sh: $*" >&2; exit 1; }
 
 command -v wrk >/dev/null 2>&1 || die "needs wrk (Debian/Ubuntu: apt-get install wrk)"
 "$PY" -c 'import twisted' 2>/dev/null || die "'$PY' cannot import twisted; set PY=/path/to/python"
-# On PyPy every Python row (the baselines too) runs with the nursery size that the a3s-gateway
-# command gives itself (a3s_gateway.tap.gc_nursery), so a ratio compares code, not GC settings.
-if [ -z "${PYPY_GC_NURSERY:-}" ]; then
-  PYPY_GC_NURSERY=$(cd "$(dirname "$here")" && "$PY" -c \
-    'from a3s_gateway.tap import gc_nursery; print(gc_nursery({}, pypy=True) or "")' 2>/dev/null)
-  [ -n "$PYPY_GC_NURSERY" ] && export PYPY_GC_NURSERY || unset PYPY_GC_NURSERY
-fi
+# shellcheck source=bench/pypy-nursery.sh
+. "$here/pypy-nursery.sh"
 have_nginx=0; command -v nginx >/dev/null 2>&1 && have_nginx=1
 have_haproxy=0; command -v haproxy >/dev/null 2>&1 && have_haproxy=1
 

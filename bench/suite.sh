@@ -25,13 +25,8 @@ PY=${PY:-python3}
 quick=0
 [ "${1:-}" = "--quick" ] && quick=1
 
-# On PyPy every Python row (the baselines too) runs with the nursery size that the a3s-gateway
-# command gives itself (a3s_gateway.tap.gc_nursery), so a ratio compares code, not GC settings.
-if [ -z "${PYPY_GC_NURSERY:-}" ]; then
-  PYPY_GC_NURSERY=$(cd "$(dirname "$here")" && "$PY" -c \
-    'from a3s_gateway.tap import gc_nursery; print(gc_nursery({}, pypy=True) or "")' 2>/dev/null)
-  [ -n "$PYPY_GC_NURSERY" ] && export PYPY_GC_NURSERY || unset PYPY_GC_NURSERY
-fi
+# shellcheck source=bench/pypy-nursery.sh
+. "$here/pypy-nursery.sh"
 # Thousands of connections: raise the fd limit as far as allowed; every row inherits it.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null
 
