@@ -5,8 +5,9 @@ driven over Twisted's L{StringTransport}.
 
 from __future__ import annotations
 
+import io
 import json
-from typing import List, Optional
+from typing import IO, List, Optional
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
@@ -71,6 +72,31 @@ class SiteTests(SynchronousTestCase):
         channel.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n0123456789")
         self.assertIn(b"200 OK", transport.value())
         self.assertTrue(transport.value().endswith(b"10"))
+
+    def test_body_storage(self) -> None:
+        """
+        A body declared under 100,000 bytes is kept in memory, a larger one or one of unknown
+        length (chunked) in a temporary file, as twisted.web keeps them; the request gets its
+        body from the site's own C{getContentFile}.
+        """
+        small = self.site.getContentFile(99_999)
+        self.assertIsInstance(small, io.BytesIO)
+        for length in (100_000, None):
+            stored = self.site.getContentFile(length)
+            self.addCleanup(stored.close)
+            self.assertIsInstance(stored.fileno(), int)
+        asked: List[Optional[int]] = []
+        original = self.site.getContentFile
+
+        def recording(length: Optional[int]) -> IO[bytes]:
+            asked.append(length)
+            return original(length)
+
+        self.patch(self.site, "getContentFile", recording)
+        channel, transport = self.connect()
+        channel.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+        self.assertEqual(asked, [3])
+        self.assertTrue(transport.value().endswith(b"3"))
 
     def test_declared_length_over_limit(self) -> None:
         """

@@ -11,7 +11,9 @@ twisted.web buffers a request body before any resource runs and has no limit of 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, List, Optional, Sequence, Set, Tuple, cast
+import io
+import tempfile
+from typing import IO, Any, Callable, List, Optional, Sequence, Set, Tuple, cast
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, ITCPTransport
@@ -455,6 +457,19 @@ class GatewaySite(server.Site):
         """
         No Common Log Format line per request: it would be a synchronous write on the hot path.
         """
+
+    def getContentFile(self, length: Optional[int]) -> IO[bytes]:
+        """
+        Where a request's body is kept as it arrives, as twisted.web keeps it by default: in memory
+        when its declared length is under 100,000 bytes, else in a temporary file.
+
+        Defined here because twisted.web's C{Request.gotLength} looks this hook up on the site for
+        every request, and a site without it pays for an C{AttributeError} each time (0.6 us; the
+        line's own time was 1.5% of a proxied GET's in a profile).
+        """
+        if length is not None and length < 100_000:
+            return io.BytesIO()
+        return tempfile.TemporaryFile()
 
     def drain(self) -> defer.Deferred[None]:
         """
