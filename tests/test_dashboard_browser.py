@@ -158,6 +158,11 @@ services "api" {{
       timeout             = "1s"
       unhealthy_threshold = 1
     }}
+    # Only the health check marks api-1: passive health, on by default, would race it on the
+    # traffic's 503s (the row then says "ejected", as it did once on PyPy).
+    passive_health {{
+      enabled = false
+    }}
   }}
 }}
 services "llm" {{
