@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 import json
-from typing import IO, List, Optional
+from typing import List, Optional
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
@@ -75,28 +75,30 @@ class SiteTests(SynchronousTestCase):
 
     def test_body_storage(self) -> None:
         """
-        A body declared under 100,000 bytes is kept in memory, a larger one or one of unknown
-        length (chunked) in a temporary file, as twisted.web keeps them; the request gets its
-        body from the site's own C{getContentFile}.
+        A body declared under 100,000 bytes is kept in memory, one of 100,000 bytes or more, or of
+        unknown length (chunked), in a temporary file, as twisted.web keeps them.
         """
-        small = self.site.getContentFile(99_999)
-        self.assertIsInstance(small, io.BytesIO)
-        for length in (100_000, None):
-            stored = self.site.getContentFile(length)
-            self.addCleanup(stored.close)
-            self.assertIsInstance(stored.fileno(), int)
-        asked: List[Optional[int]] = []
-        original = self.site.getContentFile
+        # Where each request's body was kept, seen while it renders (twisted.web closes it after).
+        kept: List[str] = []
 
-        def recording(length: Optional[int]) -> IO[bytes]:
-            asked.append(length)
-            return original(length)
+        class Storing(Resource):
+            isLeaf = True
 
-        self.patch(self.site, "getContentFile", recording)
-        channel, transport = self.connect()
-        channel.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
-        self.assertEqual(asked, [3])
-        self.assertTrue(transport.value().endswith(b"3"))
+            def render(self, request: Request) -> bytes:
+                content = request.content
+                assert content is not None
+                in_memory = isinstance(content, io.BytesIO)
+                kept.append("memory" if in_memory else f"file {content.fileno() >= 0}")
+                return b"%d" % (len(content.read()),)
+
+        site = GatewaySite(Storing(), self.clock, max_request_body_bytes=1_000_000)
+        channel, transport = connected(site)
+        head = b"POST / HTTP/1.1\r\nHost: x\r\n"
+        channel.dataReceived(head + b"Content-Length: 3\r\n\r\nabc")
+        channel.dataReceived(head + b"Content-Length: 100000\r\n\r\n" + b"x" * 100_000)
+        channel.dataReceived(head + b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+        self.assertEqual(kept, ["memory", "file True", "file True"])
+        self.assertEqual(transport.value().count(b"200 OK"), 3)
 
     def test_declared_length_over_limit(self) -> None:
         """
