@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http import HTTPChannel
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site, UnsupportedMethod
 
 import twisted
 from a3s_gateway.proxy.site import GatewayChannel, GatewaySite, parse_request_line
@@ -244,6 +244,36 @@ class SiteTests(SynchronousTestCase):
         channel, transport = self.connect()
         channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertNotIn(b"text/html", transport.value())
+
+    def test_head_answered_by_get(self) -> None:
+        """
+        A HEAD request to a resource that refuses every method but GET is answered by its GET,
+        as twisted.web answers it: with the headers the GET sets and without the body it writes.
+        """
+        held: List[Request] = []
+
+        class OnlyGet(Resource):
+            isLeaf = True
+
+            def render(self, request: Request) -> object:
+                if request.method != b"GET":
+                    raise UnsupportedMethod([b"GET"])
+                request.setHeader(b"Content-Type", b"text/plain")
+                request.setHeader(b"Content-Length", b"8")
+                request.write(b"the body")
+                held.append(request)
+                return NOT_DONE_YET
+
+        channel, transport = connected(GatewaySite(OnlyGet(), self.clock, 10))
+        channel.dataReceived(b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n")
+        head, _, body = transport.value().partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 OK"))
+        self.assertIn(b"Content-Type: text/plain", head)
+        self.assertIn(b"Content-Length: 8", head)
+        self.assertEqual(body, b"")
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        held[-1].finish()
+        self.assertTrue(transport.value().endswith(b"\r\n\r\nthe body"))
 
     def test_drain_closes_idle_and_waits_for_busy(self) -> None:
         """

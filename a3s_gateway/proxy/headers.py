@@ -209,6 +209,17 @@ def set_all_checked(headers: Headers, pairs: Iterable[Tuple[bytes, bytes]]) -> N
         raw[canonical] = [value]
 
 
+def get_raw(headers: Headers, canonical: bytes) -> Optional[List[bytes]]:
+    """
+    The values of a header, as C{headers.getRawHeaders(name)} returns them (None when there are
+    none), for a name already made canonical by L{canonical_name}.
+
+    For the headers read on every request: C{getRawHeaders} canonicalises the name each time,
+    a method call and a cache lookup that cost as much as the lookup itself.
+    """
+    return headers._rawHeaders.get(canonical) or None
+
+
 def add_checked(headers: Headers, canonical: bytes, value: bytes) -> None:
     """
     Add a header value exactly as C{headers.addRawHeader(name, value)} would, for a name already

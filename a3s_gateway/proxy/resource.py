@@ -34,7 +34,13 @@ from a3s_gateway.proxy.errors import (
     upstream_failure,
     write_error,
 )
-from a3s_gateway.proxy.headers import TrustedProxies, forward_request_headers, response_headers
+from a3s_gateway.proxy.headers import (
+    TrustedProxies,
+    canonical_name,
+    forward_request_headers,
+    get_raw,
+    response_headers,
+)
 from a3s_gateway.proxy.site import GatewayRequest
 from a3s_gateway.proxy.upstream import Exchange, UpstreamPool
 from a3s_gateway.router.rule import RequestFacts
@@ -47,6 +53,10 @@ from a3s_gateway.service.registry import Selection, Service
 MIRROR_TIMEOUTS = TimeoutsConfig(connect=5.0, response_header=30.0, idle=30.0, total=30.0)
 # Responses that carry no body of their own: their Content-Length describes something else.
 _NO_BODY_STATUSES = frozenset({204, 304})
+# Request headers read on every request, named as the request's Headers store them.
+_HOST = canonical_name(b"host")
+_UPGRADE = canonical_name(b"upgrade")
+_X_FORWARDED_FOR = canonical_name(b"x-forwarded-for")
 
 _log = Logger()
 
@@ -400,11 +410,9 @@ class EntrypointResource(Resource):
         peer = request.getClientAddress().host
         trusted = self.trusted.trusts(peer)
         client_ip = (
-            self.trusted.client_ip(peer, headers.getRawHeaders(b"x-forwarded-for"))
-            if trusted
-            else peer
+            self.trusted.client_ip(peer, get_raw(headers, _X_FORWARDED_FOR)) if trusted else peer
         )
-        host = headers.getRawHeaders(b"host")
+        host = get_raw(headers, _HOST)
         target = _origin_form(uri)
         query_at = target.find(b"?")
         facts = RequestFacts(
@@ -427,7 +435,7 @@ class EntrypointResource(Resource):
             self.prepare(request, request.method, request.uri)
         facts, route, target, peer, trusted = request.routing
         headers = request.requestHeaders
-        upgrade = headers.getRawHeaders(b"upgrade")
+        upgrade = get_raw(headers, _UPGRADE)
         if upgrade is not None and any(b"websocket" in value.lower() for value in upgrade):
             # Upgrade is hop-by-hop: forwarded without it, a WebSocket handshake would reach the
             # backend as a plain GET. Say plainly that this release does not tunnel it.

@@ -28,10 +28,11 @@ from a3s_gateway.proxy.errors import (
     error_body,
     raw_error_response,
 )
-from a3s_gateway.proxy.headers import add_checked, connection_tokens
+from a3s_gateway.proxy.headers import add_checked, canonical_name, connection_tokens, get_raw
 
 # What a header value must not hold (RFC 9110 5.5): refused with 400, as by Twisted 26.
 _FORBIDDEN_IN_VALUE = b"\x00\r\n"
+_CONNECTION = canonical_name(b"connection")
 
 
 # Where a body is kept as it arrives, by twisted.web's own rule (memory under 100,000 bytes, else
@@ -39,6 +40,9 @@ _FORBIDDEN_IN_VALUE = b"\x00\r\n"
 # getContentFile hook on the site, and a site without one paid for an AttributeError on every
 # request (1.5% of a proxied GET in a profile). Bound once, as http.X lookups are costly.
 _store_body = http.Request.gotLength
+
+# What server.Request.write does once its first-write check is gone (see GatewayRequest.write).
+_write = http.Request.write
 
 
 class GatewayRequest(server.Request):
@@ -88,6 +92,17 @@ class GatewayRequest(server.Request):
             self._reject_body(limit)
             return
         _store_body(self, length)
+
+    def write(self, data: bytes) -> None:
+        """
+        Write C{data} to the response, as C{server.Request.write} does for a request that sets no
+        default C{Content-Type}: on its first write that method looks up the response's
+        C{Content-Type} and C{Content-Length} to decide whether to add the default, which the
+        gateway never has (L{defaultContentType} is None), and the gateway sets no encoder. What
+        is left of it is the rule that a HEAD answered by a resource's GET sends no body.
+        """
+        if not self._inFakeHead:
+            _write(self, data)
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._rejected:
@@ -330,7 +345,7 @@ class GatewayChannel(http.HTTPChannel):
     def checkPersistence(self, request: http.Request, version: bytes) -> bool:
         # twisted.web splits Connection on spaces, so "close, X-Private" would keep the
         # connection open; the header is a comma-separated token list.
-        if b"close" in connection_tokens(request.requestHeaders.getRawHeaders(b"connection")):
+        if b"close" in connection_tokens(get_raw(request.requestHeaders, _CONNECTION)):
             return False
         persistent: bool = super().checkPersistence(request, version)
         return persistent
