@@ -4,14 +4,14 @@ and through the gateway, Twisted's stock proxy, nginx with ``proxy_buffering off
 (those two when installed).
 
 Two probes per row, each run ``--repeats`` times (default 5, alternating), against one proxy
-process:
+process, the rows taking turns (every row's first runs, then every row's second runs, ...):
 - MANY concurrent streams (default 1,000): streams lost (fewer events than sent, or an error;
   summed over the runs) and the per-event delay (receive time minus the backend's send time,
   p50/p99);
 - 64 concurrent streams: time to first event beyond the backend's own gap (p50/p99).
 Each delay figure is the median of the runs' figures: on a shared 2-core machine one run's p99 or
 first-event p50 varies up to fivefold, and the median of five keeps two noisy runs from deciding.
-Before them each row gets a short unmeasured run (16 streams), and with ``--warmup-runs N`` also N
+Before them every row gets a short unmeasured run (16 streams), and with ``--warmup-runs N`` also N
 unmeasured passes of both probes at full size, whose figures are printed but not counted: PyPy's
 JIT is still compiling the gateway's streaming path through the first thousands of streams.
 
@@ -32,7 +32,7 @@ import os
 import sys
 import time
 from statistics import median
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -226,48 +226,58 @@ def main() -> int:
         f"{'row':<24} {'streams':>8} {'lost':>5} {'delay p50':>10} {'delay p99':>10}"
         f" {'| ttfe p50':>11} {'ttfe p99':>9}   (ms; ttfe at {args.ttfe_streams} streams)"
     )
+    # Every row is warmed up first, then measured in rounds, the rows taking turns (every row's
+    # first run, then every row's second run, ...), as bench/run.sh does: the machine drifts
+    # within minutes, and the rows compared with each other (the gateway and nginx) are then
+    # measured seconds apart each time, not minutes apart.
+    warmup: Dict[str, List[str]] = {name: [] for name, _ in rows}
     for name, port in rows:
         # A short unmeasured run first: upstream connections open, PyPy's JIT warms up.
         probe(port, 16, 5, 10)
-        warmup: List[str] = []
         for _ in range(args.warmup_runs):
             many = probe(port, args.streams, args.events, args.gap_ms)
             few = probe(port, args.ttfe_streams, args.ttfe_events, args.ttfe_gap_ms)
-            warmup.append(f"{pct(many.delays, 99):.1f}/{pct(few.ttfe, 50):.1f}")
-        lost = 0
-        delay_p50: List[float] = []
-        delay_p99: List[float] = []
-        ttfe_p50: List[float] = []
-        ttfe_p99: List[float] = []
-        errors: List[str] = []
-        ttfe_errors = 0
-        for _ in range(args.repeats):
+            warmup[name].append(f"{pct(many.delays, 99):.1f}/{pct(few.ttfe, 50):.1f}")
+    lost = {name: 0 for name, _ in rows}
+    delay_p50: Dict[str, List[float]] = {name: [] for name, _ in rows}
+    delay_p99: Dict[str, List[float]] = {name: [] for name, _ in rows}
+    ttfe_p50: Dict[str, List[float]] = {name: [] for name, _ in rows}
+    ttfe_p99: Dict[str, List[float]] = {name: [] for name, _ in rows}
+    errors: Dict[str, List[str]] = {name: [] for name, _ in rows}
+    ttfe_errors = {name: 0 for name, _ in rows}
+    for _ in range(args.repeats):
+        for name, port in rows:
             many = probe(port, args.streams, args.events, args.gap_ms)
             few = probe(port, args.ttfe_streams, args.ttfe_events, args.ttfe_gap_ms)
-            lost += args.streams - many.complete
-            delay_p50.append(pct(many.delays, 50))
-            delay_p99.append(pct(many.delays, 99))
-            ttfe_p50.append(pct(few.ttfe, 50))
-            ttfe_p99.append(pct(few.ttfe, 99))
-            errors += many.errors
-            ttfe_errors += len(few.errors)
+            lost[name] += args.streams - many.complete
+            delay_p50[name].append(pct(many.delays, 50))
+            delay_p99[name].append(pct(many.delays, 99))
+            ttfe_p50[name].append(pct(few.ttfe, 50))
+            ttfe_p99[name].append(pct(few.ttfe, 99))
+            errors[name] += many.errors
+            ttfe_errors[name] += len(few.errors)
+    for name, _ in rows:
         print(
-            f"{name:<24} {args.streams:>8} {lost:>5} {median(delay_p50):>10.2f}"
-            f" {median(delay_p99):>10.2f}"
-            f" | {median(ttfe_p50):>9.2f} {median(ttfe_p99):>9.2f}"
-            f"   runs: delay p99 {'/'.join(f'{v:.1f}' for v in delay_p99)},"
-            f" ttfe p50 {'/'.join(f'{v:.1f}' for v in ttfe_p50)}"
-            + (f"   unmeasured warm-up runs (p99/ttfe p50): {', '.join(warmup)}" if warmup else "")
-            + (f"   first error: {errors[0]}" if errors else "")
-            + (f"   ttfe-run errors: {ttfe_errors}" if ttfe_errors else ""),
+            f"{name:<24} {args.streams:>8} {lost[name]:>5} {median(delay_p50[name]):>10.2f}"
+            f" {median(delay_p99[name]):>10.2f}"
+            f" | {median(ttfe_p50[name]):>9.2f} {median(ttfe_p99[name]):>9.2f}"
+            f"   runs: delay p99 {'/'.join(f'{v:.1f}' for v in delay_p99[name])},"
+            f" ttfe p50 {'/'.join(f'{v:.1f}' for v in ttfe_p50[name])}"
+            + (
+                f"   unmeasured warm-up runs (p99/ttfe p50): {', '.join(warmup[name])}"
+                if warmup[name]
+                else ""
+            )
+            + (f"   first error: {errors[name][0]}" if errors[name] else "")
+            + (f"   ttfe-run errors: {ttfe_errors[name]}" if ttfe_errors[name] else ""),
             flush=True,
         )
-        harness.result("sse_lost", name, lost, "streams")
+        harness.result("sse_lost", name, lost[name], "streams")
         harness.result("sse_streams", name, args.streams * args.repeats, "streams")
-        harness.result("sse_delay_p50", name, median(delay_p50), "ms")
-        harness.result("sse_delay_p99", name, median(delay_p99), "ms")
-        harness.result("sse_ttfe_p50", name, median(ttfe_p50), "ms")
-        harness.result("sse_ttfe_p99", name, median(ttfe_p99), "ms")
+        harness.result("sse_delay_p50", name, median(delay_p50[name]), "ms")
+        harness.result("sse_delay_p99", name, median(delay_p99[name]), "ms")
+        harness.result("sse_ttfe_p50", name, median(ttfe_p50[name]), "ms")
+        harness.result("sse_ttfe_p99", name, median(ttfe_p99[name]), "ms")
     return 0
 
 
