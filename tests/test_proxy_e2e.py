@@ -347,6 +347,38 @@ class ProxyTests(TestCase):
         yield reader.closed
 
     @defer.inlineCallbacks
+    def test_head_before_first_event(self) -> None:
+        """
+        The response head reaches the client as soon as the upstream sends it, before any of the
+        body: a client waiting for an LLM's first token learns at once that its stream started.
+        """
+        controlled = HeldResource()
+        server = backend(self, controlled)
+        gateway = start_gateway(self, simple_config(server.url))
+        reader = yield _connect(port_of(gateway), b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+        request = yield controlled.arrived
+        request.setHeader(b"content-type", b"text/event-stream")
+        request.write(b"")  # the backend sends its head alone
+        while b"\r\n\r\n" not in b"".join(reader.chunks):
+            yield reader.got_data
+        head, _, rest = b"".join(reader.chunks).partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 OK"))
+        self.assertIn(b"Content-Type: text/event-stream", head)
+        self.assertIn(b"Transfer-Encoding: chunked", head)
+        self.assertEqual(rest, b"")
+        request.write(b"data: first\n\n")
+        while b"data: first" not in b"".join(reader.chunks):
+            yield reader.got_data
+        request.finish()
+        while not b"".join(reader.chunks).endswith(b"0\r\n\r\n"):
+            yield reader.got_data
+        reader.transport.loseConnection()  # type: ignore[union-attr]
+        yield reader.closed
+
+    # Without the head sent early, the client waits for a head that never comes alone.
+    test_head_before_first_event.timeout = 10  # type: ignore[attr-defined]
+
+    @defer.inlineCallbacks
     def test_client_disconnect_cancels_upstream(self) -> None:
         """
         A client that leaves mid-request makes the gateway abort its upstream request at once,

@@ -271,6 +271,11 @@ class Relay:
             self._filter = ctx.body_filter
         request.responseHeaders = out
         request.registerProducer(self.exchange, True)
+        # The head leaves now, as nginx's does with proxy_buffering off: twisted.web would hold
+        # it until the first piece of body, and a stream's first event (an LLM's first token)
+        # may be seconds away. A short answer's body, read in the same turn, leaves with it in
+        # one send (a3s_gateway.transport).
+        request.write(b"")
 
     def body_data(self, data: bytes) -> None:
         if self._filter is not None:
