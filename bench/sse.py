@@ -18,8 +18,14 @@ JIT is still compiling the gateway's streaming path through the first thousands 
 The probe is an asyncio protocol (one process, no threads) that de-chunks and parses the events;
 it shares the 2 cores with the backend and the proxy, so compare rows of one run.
 
+With ``--pinned-runs N`` the first-event probe then runs N more times against the gateway and
+nginx (rows taking turns) with each proxy on a CPU of its own and the probe and the backend on
+another (Linux, two CPUs or more), then every process gets all CPUs back. On two cores shared by
+the three, a proxy that spends more CPU per stream also waits longer for the others: this tells
+that wait from the proxy's own delay. It is reported, not a target.
+
 usage: sse.py [--streams 1000] [--events 20] [--gap-ms 100] [--ttfe-streams 64] [--ttfe-events 50]
-              [--ttfe-gap-ms 20] [--repeats 5] [--warmup-runs 0] [--python PY]
+              [--ttfe-gap-ms 20] [--repeats 5] [--warmup-runs 0] [--pinned-runs 0] [--python PY]
               [--rows gateway,stock,nginx,haproxy]
 Ports: 127.0.0.1:9310-9315.
 """
@@ -32,7 +38,7 @@ import os
 import sys
 import time
 from statistics import median
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -163,6 +169,42 @@ def pct(xs: List[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(len(xs) * p / 100))] if xs else float("nan")
 
 
+def first_event_pinned(
+    argv: argparse.Namespace, backend: int, rows: List[Tuple[str, int, int]]
+) -> None:
+    """
+    The time to first event again, with each proxy on a CPU of its own and the probe and the
+    backend on another: what the proxy adds when it does not share a CPU with them, as a
+    gateway in front of remote backends would not. Rows are (name, port, pid).
+    """
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cpus) < 2:
+        print("first event, proxy on its own CPU: skipped (needs two CPUs and Linux)")
+        return
+    load, own = {cpus[0]}, {cpus[1]}
+    everything = set(cpus)
+    os.sched_setaffinity(0, load)
+    os.sched_setaffinity(backend, load)
+    for _, _, pid in rows:
+        os.sched_setaffinity(pid, own)
+    try:
+        figures: Dict[str, List[float]] = {name: [] for name, _, _ in rows}
+        for _ in range(argv.pinned_runs):
+            for name, port, _ in rows:
+                few = probe(port, argv.ttfe_streams, argv.ttfe_events, argv.ttfe_gap_ms)
+                figures[name].append(pct(few.ttfe, 50))
+    finally:
+        for pid in [0, backend, *(pid for _, _, pid in rows)]:
+            os.sched_setaffinity(pid, everything)
+    print(
+        f"first event p50 at {argv.ttfe_streams} streams, each proxy on CPU {cpus[1]}, the probe"
+        f" and the backend on CPU {cpus[0]} ({argv.pinned_runs} runs each, rows taking turns):"
+    )
+    for name, values in figures.items():
+        print(f"{name:<24} {median(values):>9.2f}   runs: {'/'.join(f'{v:.1f}' for v in values)}")
+        harness.result("sse_ttfe_pinned_p50", name, median(values), "ms")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -185,6 +227,12 @@ def main() -> int:
         default=0,
         help="unmeasured passes of both probes per row before the measured ones (printed)",
     )
+    parser.add_argument(
+        "--pinned-runs",
+        type=int,
+        default=0,
+        help="then the first-event probe N times more with each proxy on a CPU of its own",
+    )
     parser.add_argument("--python", default=os.environ.get("PY", sys.executable))
     parser.add_argument("--rows", default="gateway,stock,nginx,haproxy")
     parser.add_argument(
@@ -205,19 +253,23 @@ def main() -> int:
         f"{args.ttfe_gap_ms} ms apart; proxies on {harness.interpreter_label(args.python)}; "
         f"fd limit {fds}"
     )
-    procs.start(
+    backend = procs.start(
         "backend", BACKEND, [sys.executable, os.path.join(harness.HERE, "backend.py"), str(BACKEND)]
     )
     rows = [("direct", BACKEND)]
+    # The processes of the rows compared on a CPU of their own (--pinned-runs).
+    pinned: List[Tuple[str, int, int]] = []
     if "gateway" in wanted:
-        procs.gateway(GATEWAY, BACKEND)
+        pinned.append(("gateway", GATEWAY, procs.gateway(GATEWAY, BACKEND)))
         rows.append(("gateway", GATEWAY))
     if "stock" in wanted:
         procs.stock(STOCK, BACKEND)
         rows.append(("stock", STOCK))
     if "nginx" in wanted and harness.have("nginx"):
-        if procs.optional("nginx", lambda: procs.nginx_proxy(NGINX, BACKEND, buffering=False)):
+        nginx = procs.optional("nginx", lambda: procs.nginx_proxy(NGINX, BACKEND, buffering=False))
+        if nginx is not None:
             rows.append(("nginx-unbuffered", NGINX))
+            pinned.append(("nginx-unbuffered", NGINX, nginx))
     if "haproxy" in wanted and harness.have("haproxy"):
         if procs.optional("haproxy", lambda: procs.haproxy(HAPROXY, BACKEND)):
             rows.append(("haproxy", HAPROXY))
@@ -278,6 +330,8 @@ def main() -> int:
         harness.result("sse_delay_p99", name, median(delay_p99[name]), "ms")
         harness.result("sse_ttfe_p50", name, median(ttfe_p50[name]), "ms")
         harness.result("sse_ttfe_p99", name, median(ttfe_p99[name]), "ms")
+    if args.pinned_runs:
+        first_event_pinned(args, backend, pinned)
     return 0
 
 

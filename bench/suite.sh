@@ -34,9 +34,9 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null
 # of its rounds' ratios, so the full run takes five (3 s each): with three, one slow patch of
 # the shared machine in one round moved a target's verdict.
 if [ "$quick" = 1 ]; then
-  tput_secs=3 tput_rounds=3 lat_secs=2 sse_streams=200 slow_secs=10 idle_conns=2000
+  tput_secs=3 tput_rounds=3 lat_secs=2 sse_streams=200 sse_pinned=0 slow_secs=10 idle_conns=2000
 else
-  tput_secs=15 tput_rounds=5 lat_secs=5 sse_streams=1000 slow_secs=30 idle_conns=10000
+  tput_secs=15 tput_rounds=5 lat_secs=5 sse_streams=1000 sse_pinned=5 slow_secs=30 idle_conns=10000
 fi
 
 own_results=0
@@ -82,7 +82,8 @@ run_all() { # interpreter label(or empty)
     env PY="$py" BENCH_LABEL="$label" BENCH_MEASURE=latency BENCH_PORT_BASE=9340 \
     WARMUP="$warmup" "$here/run.sh" "$lat_secs" 1
   step "streaming (SSE)" env BENCH_LABEL="$label" "$PY" "$here/sse.py" --python "$py" \
-    --streams "$sse_streams" --warmup-runs "$sse_warmup" --rows "$rows_py,nginx"
+    --streams "$sse_streams" --warmup-runs "$sse_warmup" --pinned-runs "$sse_pinned" \
+    --rows "$rows_py,nginx"
   step "slow client" env BENCH_LABEL="$label" "$PY" "$here/slow_client.py" --python "$py" \
     --seconds "$slow_secs"
   step "idle connections" env BENCH_LABEL="$label" "$PY" "$here/idle.py" --python "$py" \

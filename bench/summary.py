@@ -122,6 +122,17 @@ MEASURES = [
         "> 2 x (nginx + 2 ms)",
     ),
     Measure(
+        "sse_ttfe_pinned_p50",
+        "SSE first event p50 ms, 64 streams, proxy on its own CPU",
+        "nginx-unbuffered",
+        "diff",
+        (),
+        "",
+        None,
+        None,
+        "",
+    ),
+    Measure(
         "sse_ttfe_p99",
         "SSE first event p99 ms, 64 streams",
         "nginx-unbuffered",
