@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -210,15 +210,18 @@ def _terminate(procs: Sequence[subprocess.Popen[bytes]]) -> None:
             proc.wait()
 
 
-def result(measure: str, row: str, value: float, unit: str) -> None:
+def result(measure: str, row: str, value: Union[float, Sequence[float]], unit: str) -> None:
     """
     One figure for bench/summary.py: ``RESULT measure|row|value|unit`` on stdout, and appended to
     the file named by $BENCH_RESULTS when set; ``row`` gets `` ($BENCH_LABEL)`` appended when set.
+    A sequence of values (each run's, in round order, for a ``<measure>_runs`` line) is written
+    space-separated.
     """
     label = os.environ.get("BENCH_LABEL")
     if label:
         row = f"{row} ({label})"
-    line = f"RESULT {measure}|{row}|{value:.4f}|{unit}"
+    text = " ".join(f"{v:.4f}" for v in value) if isinstance(value, Sequence) else f"{value:.4f}"
+    line = f"RESULT {measure}|{row}|{text}|{unit}"
     print(line, flush=True)
     path = os.environ.get("BENCH_RESULTS")
     if path:

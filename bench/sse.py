@@ -11,6 +11,9 @@ process, the rows taking turns (every row's first runs, then every row's second 
 - 64 concurrent streams: time to first event beyond the backend's own gap (p50/p99).
 Each delay figure is the median of the runs' figures: on a shared 2-core machine one run's p99 or
 first-event p50 varies up to fivefold, and the median of five keeps two noisy runs from deciding.
+Each run's figures are recorded too (``<measure>_runs`` lines), and bench/summary.py compares two
+rows by the median of their rounds' differences: a slow patch of the machine that delays both
+rows in one round then leaves their difference alone.
 Before them every row gets a short unmeasured run (16 streams), and with ``--warmup-runs N`` also N
 unmeasured passes of both probes at full size, whose figures are printed but not counted: PyPy's
 JIT is still compiling the gateway's streaming path through the first thousands of streams.
@@ -203,6 +206,7 @@ def first_event_pinned(
     for name, values in figures.items():
         print(f"{name:<24} {median(values):>9.2f}   runs: {'/'.join(f'{v:.1f}' for v in values)}")
         harness.result("sse_ttfe_pinned_p50", name, median(values), "ms")
+        harness.result("sse_ttfe_pinned_p50_runs", name, values, "ms")
 
 
 def main() -> int:
@@ -256,20 +260,22 @@ def main() -> int:
     backend = procs.start(
         "backend", BACKEND, [sys.executable, os.path.join(harness.HERE, "backend.py"), str(BACKEND)]
     )
+    # In measuring order: each row right after the one it is compared with (the gateway after
+    # direct for the delays, nginx after the gateway for the first event).
     rows = [("direct", BACKEND)]
     # The processes of the rows compared on a CPU of their own (--pinned-runs).
     pinned: List[Tuple[str, int, int]] = []
     if "gateway" in wanted:
         pinned.append(("gateway", GATEWAY, procs.gateway(GATEWAY, BACKEND)))
         rows.append(("gateway", GATEWAY))
-    if "stock" in wanted:
-        procs.stock(STOCK, BACKEND)
-        rows.append(("stock", STOCK))
     if "nginx" in wanted and harness.have("nginx"):
         nginx = procs.optional("nginx", lambda: procs.nginx_proxy(NGINX, BACKEND, buffering=False))
         if nginx is not None:
             rows.append(("nginx-unbuffered", NGINX))
             pinned.append(("nginx-unbuffered", NGINX, nginx))
+    if "stock" in wanted:
+        procs.stock(STOCK, BACKEND)
+        rows.append(("stock", STOCK))
     if "haproxy" in wanted and harness.have("haproxy"):
         if procs.optional("haproxy", lambda: procs.haproxy(HAPROXY, BACKEND)):
             rows.append(("haproxy", HAPROXY))
@@ -330,6 +336,9 @@ def main() -> int:
         harness.result("sse_delay_p99", name, median(delay_p99[name]), "ms")
         harness.result("sse_ttfe_p50", name, median(ttfe_p50[name]), "ms")
         harness.result("sse_ttfe_p99", name, median(ttfe_p99[name]), "ms")
+        # Each run's figures, in round order: summary.py compares two rows round by round.
+        harness.result("sse_delay_p99_runs", name, delay_p99[name], "ms")
+        harness.result("sse_ttfe_p50_runs", name, ttfe_p50[name], "ms")
     if args.pinned_runs:
         first_event_pinned(args, backend, pinned)
     return 0

@@ -6,7 +6,8 @@ label, e.g. ``gateway (PyPy)``, are compared with the baseline of the same label
 one), the ratio or difference, and for the gateway's rows the issue's target and PASS/MISS.
 A ratio of two rows ``run.sh`` measured in the same rounds (it writes each round's figures as
 ``<measure>_runs``) is the median of the rounds' ratios, each taken from two runs seconds apart;
-otherwise it is the ratio of the two values (the rows' medians).
+otherwise it is the ratio of the two values (the rows' medians). In the same way a difference of
+two rows ``sse.py`` measured in the same rounds is the median of the rounds' differences.
 
 With ``--check``, also tells whether each judged figure is at least half as good as its target
 (the CI threshold for a gross regression): at least half the target ratio for throughput figures,
@@ -206,6 +207,24 @@ def load(path: str) -> Tuple[Values, Dict[str, List[str]], Rounds]:
     return values, rows, rounds
 
 
+def _paired_runs(
+    rounds: Rounds, measure: str, row: str, base_row: str
+) -> Optional[Tuple[List[float], List[float]]]:
+    """
+    The rounds' figures of C{row} and C{base_row} for C{measure} when both were recorded (the
+    same number of them): C{<x>_runs} for a C{<x>_rps} measure (run.sh), C{<measure>_runs}
+    otherwise (sse.py); None when not.
+    """
+    if measure.endswith("_rps"):
+        key = measure[: -len("_rps")] + "_runs"
+    else:
+        key = measure + "_runs"
+    mine, base = rounds.get((key, row)), rounds.get((key, base_row))
+    if not mine or not base or len(mine) != len(base):
+        return None
+    return mine, base
+
+
 def paired_ratio(rounds: Rounds, measure: str, row: str, base_row: str) -> Optional[float]:
     """
     The median of the per-round ratios of C{row} to C{base_row} for a C{<x>_rps} measure whose
@@ -213,11 +232,21 @@ def paired_ratio(rounds: Rounds, measure: str, row: str, base_row: str) -> Optio
     """
     if not measure.endswith("_rps"):
         return None
-    key = measure[: -len("_rps")] + "_runs"
-    mine, base = rounds.get((key, row)), rounds.get((key, base_row))
-    if not mine or not base or len(mine) != len(base) or not all(base):
+    runs = _paired_runs(rounds, measure, row, base_row)
+    if runs is None or not all(runs[1]):
         return None
-    return median(a / b for a, b in zip(mine, base))
+    return median(a / b for a, b in zip(*runs))
+
+
+def paired_difference(rounds: Rounds, measure: str, row: str, base_row: str) -> Optional[float]:
+    """
+    The median of the per-round differences of C{row} and C{base_row} when the rounds of both
+    were recorded (the same number of them); None otherwise.
+    """
+    runs = _paired_runs(rounds, measure, row, base_row)
+    if runs is None:
+        return None
+    return median(a - b for a, b in zip(*runs))
 
 
 def main(argv: List[str]) -> int:
@@ -266,7 +295,9 @@ def main(argv: List[str]) -> int:
                     figure = value / base_value if base_value else None
                 fig_text = f"{figure:.3f}x" if figure is not None else "-"
             else:
-                figure = value - base_value
+                figure = paired_difference(rounds, m.key, row, base_row)
+                if figure is None:
+                    figure = value - base_value
                 fig_text = f"{figure:+.2f}"
             verdict, target = "", ""
             if name in m.judged and m.passes is not None:
