@@ -271,11 +271,13 @@ class Relay:
             self._filter = ctx.body_filter
         request.responseHeaders = out
         request.registerProducer(self.exchange, True)
-        # The head leaves now, as nginx's does with proxy_buffering off: twisted.web would hold
-        # it until the first piece of body, and a stream's first event (an LLM's first token)
-        # may be seconds away. A short answer's body, read in the same turn, leaves with it in
-        # one send (a3s_gateway.transport).
-        request.write(b"")
+        if length is None:
+            # A body of unknown length (chunked, or until the upstream closes) is a stream: its
+            # head leaves now, as nginx's does with proxy_buffering off, where twisted.web would
+            # hold it until the first piece of body, and a stream's first event (an LLM's first
+            # token) may be seconds away. A body of known length nearly always arrives with its
+            # head, and they leave together.
+            request.write(b"")
 
     def body_data(self, data: bytes) -> None:
         if self._filter is not None:
