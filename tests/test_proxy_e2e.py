@@ -5,7 +5,7 @@ real loopback sockets, against real in-process backends.
 
 from __future__ import annotations
 
-from typing import List
+from typing import Any, Generator, List
 
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.task import deferLater
@@ -72,6 +72,19 @@ class _Reader(protocol.Protocol):
 
 def _connect(port: int, payload: bytes) -> defer.Deferred[_Reader]:
     return protocol.ClientCreator(reactor, _Reader, payload).connectTCP("127.0.0.1", port)
+
+
+@defer.inlineCallbacks
+def _end_stream(request: Request, reader: _Reader) -> Generator[defer.Deferred[Any], Any, None]:
+    """
+    Finish the upstream's streamed C{request}, wait until C{reader} has the end of the chunked
+    body, then close C{reader}'s connection.
+    """
+    request.finish()
+    while not b"".join(reader.chunks).endswith(b"0\r\n\r\n"):
+        yield reader.got_data
+    reader.transport.loseConnection()  # type: ignore[union-attr]
+    yield reader.closed
 
 
 class ProxyTests(TestCase):
@@ -340,11 +353,7 @@ class ProxyTests(TestCase):
         request.write(b"data: two\n\n")
         while b"data: two" not in b"".join(reader.chunks):
             yield reader.got_data
-        request.finish()
-        while not b"".join(reader.chunks).endswith(b"0\r\n\r\n"):
-            yield reader.got_data
-        reader.transport.loseConnection()  # type: ignore[union-attr]
-        yield reader.closed
+        yield _end_stream(request, reader)
 
     @defer.inlineCallbacks
     def test_head_before_first_event(self) -> None:
@@ -369,11 +378,7 @@ class ProxyTests(TestCase):
         request.write(b"data: first\n\n")
         while b"data: first" not in b"".join(reader.chunks):
             yield reader.got_data
-        request.finish()
-        while not b"".join(reader.chunks).endswith(b"0\r\n\r\n"):
-            yield reader.got_data
-        reader.transport.loseConnection()  # type: ignore[union-attr]
-        yield reader.closed
+        yield _end_stream(request, reader)
 
     # Without the head sent early, the client waits for a head that never comes alone.
     test_head_before_first_event.timeout = 10  # type: ignore[attr-defined]
