@@ -31,6 +31,7 @@ from a3s_gateway.middleware.base import (
     RequestResult,
     json_reply,
 )
+from a3s_gateway.proxy.headers import canonical_name, get_raw
 
 DEFAULT_HEADER = "X-API-Key"
 
@@ -60,6 +61,8 @@ class ApiKey(Middleware):
     def __init__(self, name: str, header: bytes, keys: Sequence[bytes]) -> None:
         super().__init__(name)
         self.header = header
+        # Looked up as the request's Headers store it, without canonicalising it per request.
+        self._stored_as = canonical_name(header)
         # A key that is not visible ASCII can never match (the reference rejects such a value
         # before comparing), so it is left out here; a presented value that is not visible
         # ASCII then equals no key, and need not be checked on every request.
@@ -72,7 +75,7 @@ class ApiKey(Middleware):
         """
         Answer 401 unless the key header's first value is one of the keys.
         """
-        values = ctx.headers.getRawHeaders(self.header)
+        values = get_raw(ctx.headers, self._stored_as)
         if not values:
             return _REJECTED
         if hashlib.blake2s(self._salt + values[0]).digest() in self._digests:
