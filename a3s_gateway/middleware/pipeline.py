@@ -5,12 +5,19 @@ router (state such as buckets and breakers is per router, as in the reference).
 
 The request phase runs in order and stops at the first L{Reply}; it stays synchronous unless a
 middleware returns a Deferred. The response phase runs in reverse order.
+
+Each phase is a chain of calls built with the pipeline, one link per middleware, rather than a
+loop over the middlewares. Why: PyPy's JIT compiles a loop over objects of different classes
+as a loop of its own, leaving and re-entering it for each class, where it inlines a chain of
+calls into the request's own trace. Measured with callgrind on PyPy (api-key, rate-limit and
+headers, three fresh processes each): 108.0k, 108.3k and 99.9k instructions per proxied GET
+with the loop, 99.8k, 99.5k and 100.6k with the chain.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from twisted.internet import defer
 from twisted.web.http_headers import Headers
@@ -49,6 +56,49 @@ def build_middleware(config: MiddlewareConfig, ctx: BuildContext) -> Middleware:
     return middleware
 
 
+RequestStep = Callable[[RequestContext], Union[Reply, "defer.Deferred[Optional[Reply]]", None]]
+ResponseStep = Callable[[RequestContext, int, Headers], None]
+
+
+def _through(ctx: RequestContext) -> None:
+    """The end of the request phase: every middleware let the request through."""
+    return None
+
+
+def _responded(ctx: RequestContext, status: int, headers: Headers) -> None:
+    """The end of the response phase."""
+
+
+def _request_link(pipeline: Pipeline, index: int, following: RequestStep) -> RequestStep:
+    """
+    The request phase from requester C{index} of C{pipeline} on: that middleware, then
+    C{following} if it lets the request through, or the rest of the phase once its Deferred
+    fires with None.
+    """
+    on_request = pipeline.requesters[index].on_request
+    resume_at = index + 1
+
+    def link(ctx: RequestContext) -> Union[Reply, defer.Deferred[Optional[Reply]], None]:
+        result = on_request(ctx)
+        if result is None:
+            return following(ctx)
+        if isinstance(result, Reply):
+            return result
+        return result.addCallback(pipeline._resume, ctx, resume_at)
+
+    return link
+
+
+def _response_link(on_response: ResponseStep, following: ResponseStep) -> ResponseStep:
+    """The response phase: C{on_response}, then C{following}."""
+
+    def link(ctx: RequestContext, status: int, headers: Headers) -> None:
+        on_response(ctx, status, headers)
+        following(ctx, status, headers)
+
+    return link
+
+
 class Pipeline:
     """
     The middlewares of one router.
@@ -76,6 +126,16 @@ class Pipeline:
         self.body_limit: Optional[int] = min(limits) if limits else None
         retries = [m for m in self.middlewares if isinstance(m, Retry)]
         self.retry: Optional[Retry] = retries[-1] if retries else None
+        # _request_from[i] runs the request phase from requester i on; the last one, past every
+        # requester, lets the request through.
+        self._request_from: List[RequestStep] = [_through]
+        for index in reversed(range(len(self.requesters))):
+            link = _request_link(self, index, self._request_from[0])
+            self._request_from.insert(0, link)
+        respond: ResponseStep = _responded
+        for responder in reversed(self.responders):
+            respond = _response_link(responder.on_response, respond)
+        self._respond = respond
 
     def run_request(
         self, ctx: RequestContext, start: int = 0
@@ -84,15 +144,7 @@ class Pipeline:
         Run the request phase from requester C{start} on: None to proxy, a L{Reply} to answer,
         or a Deferred firing with either when a middleware had to wait.
         """
-        requesters = self.requesters
-        for index in range(start, len(requesters)):
-            result = requesters[index].on_request(ctx)
-            if result is None:
-                continue
-            if isinstance(result, Reply):
-                return result
-            return result.addCallback(self._resume, ctx, index + 1)
-        return None
+        return self._request_from[start](ctx)
 
     def _resume(self, reply: Optional[Reply], ctx: RequestContext, start: int) -> Any:
         if reply is not None:
@@ -103,8 +155,7 @@ class Pipeline:
         """
         Run the response phase in reverse order.
         """
-        for middleware in self.responders:
-            middleware.on_response(ctx, status, headers)
+        self._respond(ctx, status, headers)
 
     def stop(self) -> defer.Deferred[Any]:
         """
