@@ -45,12 +45,6 @@ def _removals(names: Sequence[str]) -> Tuple[bytes, ...]:
     return tuple(raw for raw in (name.encode("utf-8") for name in names) if _TOKEN.match(raw))
 
 
-def _apply(headers: Headers, remove: Tuple[bytes, ...], sets: HeaderSets) -> None:
-    for name in remove:
-        headers.removeHeader(name)
-    set_all_checked(headers, sets)
-
-
 class HeadersMiddleware(Middleware):
     """
     Header edits for one router, in both directions.
@@ -72,12 +66,17 @@ class HeadersMiddleware(Middleware):
 
     def on_request(self, ctx: RequestContext) -> RequestResult:
         """Remove, then set, the configured request headers."""
-        _apply(ctx.headers, self.request_remove, self.request_set)
+        headers = ctx.headers
+        for name in self.request_remove:
+            headers.removeHeader(name)
+        set_all_checked(headers, self.request_set)
         return None
 
     def on_response(self, ctx: RequestContext, status: int, headers: Headers) -> None:
         """Remove, then set, the configured response headers."""
-        _apply(headers, self.response_remove, self.response_set)
+        for name in self.response_remove:
+            headers.removeHeader(name)
+        set_all_checked(headers, self.response_set)
 
 
 def build(config: MiddlewareConfig, ctx: BuildContext) -> Middleware:

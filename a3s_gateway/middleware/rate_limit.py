@@ -96,7 +96,8 @@ def seconds_to_full(tokens: float, rate: float, burst: int) -> Optional[int]:
     if tokens >= burst:
         return 0
     if rate > 0:
-        return _seconds_up((burst - tokens) / rate)
+        # _seconds_up, written out: this runs for every response that passed a rate-limit.
+        return max(0, math.ceil((burst - tokens) / rate - _ROUNDING_SLACK))
     return None
 
 
@@ -224,6 +225,7 @@ class RateLimit(Middleware):
         self._clock = clock
         self.buckets = buckets
         self._key_of = key_of
+        self._limit = b"%d" % buckets.burst
 
     def on_request(self, ctx: RequestContext) -> RequestResult:
         """
@@ -245,10 +247,20 @@ class RateLimit(Middleware):
         response.
         """
         tokens = ctx.notes.get(self.name)
-        if tokens is not None:
-            buckets = self.buckets
-            reset = seconds_to_full(tokens, buckets.rate, buckets.burst)
-            set_all_checked(headers, rate_headers(buckets.burst, int(tokens), reset))
+        if tokens is None:
+            return
+        buckets = self.buckets
+        # rate_headers, written out (with the limit formatted once): this runs for every
+        # proxied response.
+        remaining = b"%d" % tokens
+        reset = seconds_to_full(tokens, buckets.rate, buckets.burst)
+        if reset is None:
+            set_all_checked(headers, ((_LIMIT, self._limit), (_REMAINING, remaining)))
+        else:
+            set_all_checked(
+                headers,
+                ((_LIMIT, self._limit), (_REMAINING, remaining), (_RESET, b"%d" % reset)),
+            )
 
 
 def limits(config: MiddlewareConfig) -> Tuple[int, int]:
