@@ -251,7 +251,7 @@ class RateLimit(Middleware):
             return
         buckets = self.buckets
         # rate_headers, written out (with the limit formatted once): this runs for every
-        # proxied response.
+        # proxied response. %d truncates the float as int() would.
         remaining = b"%d" % tokens
         reset = seconds_to_full(tokens, buckets.rate, buckets.burst)
         if reset is None:
