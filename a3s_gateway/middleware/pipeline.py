@@ -19,7 +19,7 @@ with the chain.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, TypeVar, Union
 
 from twisted.internet import defer
 from twisted.web.http_headers import Headers
@@ -105,6 +105,23 @@ def _response_link(on_response: ResponseStep, following: ResponseStep) -> Respon
     return link
 
 
+Step = TypeVar("Step", RequestStep, ResponseStep)
+
+
+def _chain(phases: Sequence[Step], link: Callable[[Step, Step], Step], nothing: Step) -> Step:
+    """
+    One phase as a chain: each of C{phases} but the last linked by C{link} to the ones after
+    it; the last called as it is, since what it returns is what the phase returns. C{nothing}
+    when there are no C{phases}.
+    """
+    if not phases:
+        return nothing
+    chain = phases[-1]
+    for phase in reversed(phases[:-1]):
+        chain = link(phase, chain)
+    return chain
+
+
 class Pipeline:
     """
     The middlewares of one router.
@@ -135,20 +152,12 @@ class Pipeline:
         self.body_limit: Optional[int] = min(limits) if limits else None
         retries = [m for m in self.middlewares if isinstance(m, Retry)]
         self.retry: Optional[Retry] = retries[-1] if retries else None
-        # The last middleware of each phase is called as it is: what it returns is what the
-        # phase returns, so it needs no link of its own.
-        run_request: RequestStep = _through
-        if self.requesters:
-            run_request = self.requesters[-1].on_request
-            for requester in reversed(self.requesters[:-1]):
-                run_request = _request_link(requester.on_request, run_request)
-        self.run_request = run_request
-        run_response: ResponseStep = _responded
-        if self.responders:
-            run_response = self.responders[-1].on_response
-            for responder in reversed(self.responders[:-1]):
-                run_response = _response_link(responder.on_response, run_response)
-        self.run_response = run_response
+        self.run_request: RequestStep = _chain(
+            [m.on_request for m in self.requesters], _request_link, _through
+        )
+        self.run_response: ResponseStep = _chain(
+            [m.on_response for m in self.responders], _response_link, _responded
+        )
 
     def stop(self) -> defer.Deferred[Any]:
         """
