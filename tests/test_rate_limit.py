@@ -263,6 +263,19 @@ class RejectionTests(SynchronousTestCase):
         self.assertEqual(headers.getRawHeaders(b"X-RateLimit-Remaining"), [b"4"])
         self.assertEqual(headers.getRawHeaders(b"X-RateLimit-Reset"), [b"6"])
 
+    def test_accepted_response_without_refill(self) -> None:
+        """
+        With C{rate = 0} a bucket never fills again: a proxied response carries the limit and
+        the tokens left, and no X-RateLimit-Reset rather than a made-up value.
+        """
+        limiter = _limiter(Clock(), rate=0, burst=3)
+        ctx = request()
+        self.assertTrue(_passes(limiter, ctx))
+        headers = _response_headers(limiter, ctx)
+        self.assertEqual(headers.getRawHeaders(b"X-RateLimit-Limit"), [b"3"])
+        self.assertEqual(headers.getRawHeaders(b"X-RateLimit-Remaining"), [b"2"])
+        self.assertFalse(headers.hasHeader(b"X-RateLimit-Reset"))
+
     def test_no_headers_without_request_phase(self) -> None:
         """
         The response phase adds nothing for a request the limiter did not see.
